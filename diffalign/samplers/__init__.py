@@ -1,0 +1,16 @@
+"""Drop-in diffusers schedulers and the VP-schedule maths they share."""
+
+from .dpm_solver import DPMSolverScheduler
+from .dpm_solver_pp import DPMSolverPPScheduler
+from .registry import SCHEDULERS, get_scheduler_class, swap_scheduler
+from .schedule import NoiseScheduleVP, time_grid
+
+__all__ = [
+    "DPMSolverPPScheduler",
+    "DPMSolverScheduler",
+    "NoiseScheduleVP",
+    "SCHEDULERS",
+    "get_scheduler_class",
+    "swap_scheduler",
+    "time_grid",
+]

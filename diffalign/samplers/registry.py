@@ -1,0 +1,44 @@
+"""Scheduler registry: names users type on the command line, and the one-line scheduler swap."""
+
+from __future__ import annotations
+
+import diffusers
+
+from .dpm_solver import DPMSolverScheduler
+from .dpm_solver_pp import DPMSolverPPScheduler
+
+SCHEDULERS: dict[str, type] = {
+    "dpm_solver": DPMSolverScheduler,
+    "dpm_solver_pp": DPMSolverPPScheduler,
+}
+"""Our schedulers by registry name. Later solvers add themselves here."""
+
+
+def get_scheduler_class(name_or_class: str | type) -> type:
+    """A scheduler class from a registry name, one of our class names, or a diffusers class name / class."""
+    if isinstance(name_or_class, type):
+        return name_or_class
+    if name_or_class in SCHEDULERS:
+        return SCHEDULERS[name_or_class]
+    ours = {cls.__name__: cls for cls in SCHEDULERS.values()}
+    if name_or_class in ours:
+        return ours[name_or_class]
+    cls = getattr(diffusers, name_or_class, None)
+    if isinstance(cls, type) and name_or_class.endswith("Scheduler"):
+        return cls
+    raise ValueError(
+        f"unknown scheduler {name_or_class!r}; use one of {sorted(SCHEDULERS)} or a diffusers scheduler class name "
+        "such as 'DDIMScheduler'."
+    )
+
+
+def swap_scheduler(pipe, name_or_class: str | type, **overrides):
+    """Replace ``pipe.scheduler`` by ``name_or_class`` built from the pipeline's scheduler config; returns ``pipe``.
+
+    ``overrides`` change config keys, e.g. ``swap_scheduler(pipe, "dpm_solver_pp", solver_order=3)``.
+    """
+    if not hasattr(pipe, "scheduler"):
+        raise TypeError(f"{type(pipe).__name__} has no `scheduler` attribute; pass a diffusers pipeline.")
+    cls = get_scheduler_class(name_or_class)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+    return pipe
