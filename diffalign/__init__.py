@@ -1,7 +1,7 @@
 """diffalign: fast diffusion ODE samplers as drop-in diffusers schedulers, and preference-alignment trainers.
 
-Scheduler classes are exported here so that a diffusers pipeline saved with one of them reloads with
-``DiffusionPipeline.from_pretrained`` (its ``model_index.json`` names the library ``diffalign``).
+A diffusers pipeline saved with one of our schedulers reloads with ``DiffusionPipeline.from_pretrained``: its
+``model_index.json`` names the scheduler's module (e.g. ``diffalign.samplers.dpm_solver_pp``).
 """
 
 from .samplers import SCHEDULERS, DPMSolverPPScheduler, DPMSolverScheduler, swap_scheduler

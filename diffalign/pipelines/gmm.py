@@ -67,8 +67,8 @@ class GaussianMixture(ModelMixin, ConfigMixin):
     @classmethod
     def from_parameters(cls, means, covariances, weights=None, **config) -> GaussianMixture:
         """Build from ``means`` (K, D), ``covariances`` (K, D, D) symmetric positive definite, ``weights`` (K,)."""
-        means = torch.as_tensor(means, dtype=torch.float64)
-        covs = torch.as_tensor(covariances, dtype=torch.float64)
+        means = torch.as_tensor(np.asarray(means, dtype=np.float64))
+        covs = torch.as_tensor(np.asarray(covariances, dtype=np.float64))
         K, D = means.shape
         if covs.shape != (K, D, D):
             raise ValueError(f"covariances have shape {tuple(covs.shape)}, expected ({K}, {D}, {D}).")

@@ -8,6 +8,7 @@ checks, so that every solver behaves the same at the pipeline boundary.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
@@ -44,14 +45,24 @@ class VPScheduler(SchedulerMixin):
     _compatibles = COMPATIBLES
     order = 1
 
+    def __init_subclass__(cls, **kwargs):
+        """Expose ``SchedulerMixin`` in each subclass's module: a saved pipeline's ``model_index.json`` names that
+        module, and ``DiffusionPipeline.from_pretrained`` looks the loading base class up there."""
+        super().__init_subclass__(**kwargs)
+        module = sys.modules.get(cls.__module__)
+        if module is not None and not hasattr(module, "SchedulerMixin"):
+            module.SchedulerMixin = SchedulerMixin
+
     # ---- construction -------------------------------------------------------------------------------------------
     def _init_vp(self) -> None:
         """Validate the registered config and build the noise schedule. Call at the end of ``__init__``."""
         cfg = self.config
         if cfg.prediction_type not in PREDICTION_TYPES:
-            hint = " Flow-matching models are not VP; use a flow-matching scheduler." if "flow" in str(
-                cfg.prediction_type
-            ) else ""
+            hint = (
+                " Flow-matching models are not VP; use a flow-matching scheduler."
+                if "flow" in str(cfg.prediction_type)
+                else ""
+            )
             raise ValueError(
                 f"prediction_type={cfg.prediction_type!r} is not supported by {type(self).__name__}; "
                 f"use one of {PREDICTION_TYPES}.{hint}"
@@ -141,13 +152,15 @@ class VPScheduler(SchedulerMixin):
             if timesteps is not None:
                 model_times = np.asarray(timesteps, dtype=np.float64).reshape(-1)
                 if len(model_times) < 1 or np.any(np.diff(model_times) >= 0):
-                    raise ValueError(f"timesteps must be strictly decreasing and non-empty; got {model_times.tolist()}.")
+                    raise ValueError(f"timesteps must be strictly decreasing and non-empty:  {model_times.tolist()}.")
                 if model_times.min() < 0 or model_times.max() > schedule.t_max:
                     raise ValueError(f"timesteps must lie in [0, {schedule.t_max:g}]; got {model_times.tolist()}.")
                 times = np.concatenate([model_times, [0.0]])
                 integer_times = bool(np.all(model_times == np.round(model_times)))
             else:
-                times = self._plan_grid(int(num_inference_steps) if num_inference_steps else 0)
+                if int(num_inference_steps) < 1:
+                    raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+                times = self._plan_grid(int(num_inference_steps))
                 integer_times = self._spacing() in INTEGER_SPACINGS
             rhos = schedule.rho(times)
             if self.config.final_sigmas_type == "zero":
@@ -239,9 +252,7 @@ class VPScheduler(SchedulerMixin):
     def _solver_step(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def add_noise(
-        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``alpha_t x_0 + sigma_t eps`` at any (integer or float) training timesteps, one per sample."""
         if original_samples.shape != noise.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(original_samples.shape)}.")
@@ -251,9 +262,10 @@ class VPScheduler(SchedulerMixin):
         alpha, sigma = self.noise_schedule.alpha_sigma(t)
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
         kw = dict(device=original_samples.device, dtype=original_samples.dtype)
-        return torch.tensor(alpha, **kw).reshape(shape) * original_samples + torch.tensor(sigma, **kw).reshape(
-            shape
-        ) * noise
+        return (
+            torch.tensor(alpha, **kw).reshape(shape) * original_samples
+            + torch.tensor(sigma, **kw).reshape(shape) * noise
+        )
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

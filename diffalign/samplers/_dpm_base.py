@@ -43,10 +43,15 @@ def exponential_integrator_update(x, m0, coeffs, D1=None, D2=None, midpoint: boo
     return out
 
 
-def multistep_differences(ms, lambdas, order: int):
+def multistep_differences(ms, lambdas, order: int, taylor_third_order: bool = False):
     """``(D1, D2)`` from the last ``order`` model terms, DPM-Solver++(2M)/(3M) (Lu et al. 2022b, Alg. 2 / App.).
 
     ``ms = [m0, m1, m2]`` newest first at ``lambdas = [lambda_t, lambda_s0, lambda_s1, lambda_s2]``.
+
+    The official code and diffusers take ``D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 m'' / 2``, half the Taylor-consistent
+    ``h^2 m''`` that the ``phi_3`` coefficient expects (the singlestep ``D2`` has the factor 2). That leaves an
+    ``O(h^3)`` local error, so their 3M converges at second order; ``taylor_third_order=True`` doubles ``D2`` and
+    restores third order (measured in tests/samplers/test_convergence.py).
     """
     if order == 1:
         return None, None
@@ -59,7 +64,7 @@ def multistep_differences(ms, lambdas, order: int):
     D1_1 = (ms[1] - ms[2]) / r1
     D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
     D2 = (D1_0 - D1_1) / (r0 + r1)
-    return D1, D2
+    return D1, (2.0 * D2 if taylor_third_order else D2)
 
 
 def singlestep_differences(ms, lambdas, order: int, taylor: bool):
@@ -132,6 +137,7 @@ class DPMSolverBase(VPScheduler, ConfigMixin):
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
         solver_type: str = "midpoint",
+        taylor_third_order: bool = False,
         lower_order_final: bool = True,
         euler_at_final: bool = False,
         final_sigmas_type: str = "zero",
@@ -227,7 +233,7 @@ class DPMSolverBase(VPScheduler, ConfigMixin):
         order = self._multistep_order(i)
         ms = self._history[::-1]  # newest first
         lambdas = [self.lambda_grid[i + 1]] + [self.lambda_grid[i - k] for k in range(order)]
-        D1, D2 = multistep_differences(ms, lambdas, order)
+        D1, D2 = multistep_differences(ms, lambdas, order, self.config.taylor_third_order)
         return exponential_integrator_update(
             sample, ms[0], self._coeffs(i, i + 1), D1, D2, midpoint=order == 2 and self._solver_type == "midpoint"
         )

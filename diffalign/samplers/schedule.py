@@ -35,7 +35,7 @@ def _betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> n
 
     steps = np.arange(num_train_timesteps)
     t1, t2 = steps / num_train_timesteps, (steps + 1) / num_train_timesteps
-    betas = [min(1 - alpha_bar(b) / alpha_bar(a), max_beta) for a, b in zip(t1, t2)]
+    betas = [min(1 - alpha_bar(b) / alpha_bar(a), max_beta) for a, b in zip(t1, t2, strict=True)]
     return np.asarray(betas, dtype=np.float64)
 
 
