@@ -40,6 +40,7 @@ SOLVERS = [
     (DPMSolverScheduler, dict(solver_order=3, taylor_third_order=True), (2.6, 3.4)),
     (DPMSolverPPScheduler, dict(solver_order=2, solver_mode="singlestep"), (1.75, 2.2)),
     (DPMSolverPPScheduler, dict(solver_order=3, solver_mode="singlestep"), (2.5, 3.4)),
+    (DPMSolverPPScheduler, dict(solver_order=3, solver_mode="singlestep", solver_type="heun"), (2.5, 3.4)),
     (DPMSolverScheduler, dict(solver_order=2, solver_mode="singlestep"), (1.8, 2.2)),
     (DPMSolverScheduler, dict(solver_order=3, solver_mode="singlestep"), (2.5, 3.4)),
 ]
