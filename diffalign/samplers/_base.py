@@ -29,6 +29,30 @@ SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "dpmsolver": "midpoint",
 FOREIGN_SOLVER_TYPES = ("bh1", "bh2", "logrho")
 
 COMPATIBLES = [e.name for e in KarrasDiffusionSchedulers]
+MODEL_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "rescale_betas_zero_snr",
+    "prediction_type",
+)
+"""Config keys that describe the model (its noise schedule and output), not the sampler."""
+
+
+def keep_model_keys(config) -> dict:
+    """A copy of a scheduler config whose model keys survive ``from_config`` into any other scheduler class.
+
+    diffusers drops the keys listed in ``_use_default_values`` when switching classes, so that the target's own
+    defaults apply. For sampler settings that is right; for the noise schedule it is not: HeunDiscreteScheduler's
+    default betas (0.00085..0.012) differ from DDPMScheduler's (0.0001..0.02), and a default-built DDPM config
+    switched to Heun would silently sample another model's schedule.
+    """
+    config = dict(config)
+    used_defaults = config.get("_use_default_values", [])
+    config["_use_default_values"] = [k for k in used_defaults if k not in MODEL_KEYS]
+    return config
 
 
 class VPScheduler(SchedulerMixin):
@@ -54,6 +78,13 @@ class VPScheduler(SchedulerMixin):
             module.SchedulerMixin = SchedulerMixin
 
     # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config`` that keeps the source's noise schedule and prediction type (keep_model_keys)."""
+        if config is not None and not isinstance(config, str) and hasattr(config, "keys"):
+            config = keep_model_keys(config)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     def _init_vp(self) -> None:
         """Validate the registered config and build the noise schedule. Call at the end of ``__init__``."""
         cfg = self.config

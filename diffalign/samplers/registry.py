@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import diffusers
 
+from ._base import keep_model_keys
 from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
 
@@ -35,10 +36,11 @@ def get_scheduler_class(name_or_class: str | type) -> type:
 def swap_scheduler(pipe, name_or_class: str | type, **overrides):
     """Replace ``pipe.scheduler`` by ``name_or_class`` built from the pipeline's scheduler config; returns ``pipe``.
 
-    ``overrides`` change config keys, e.g. ``swap_scheduler(pipe, "dpm_solver_pp", solver_order=3)``.
+    ``overrides`` change config keys, e.g. ``swap_scheduler(pipe, "dpm_solver_pp", solver_order=3)``. The noise
+    schedule and prediction type always carry over, also into diffusers classes (see ``keep_model_keys``).
     """
     if not hasattr(pipe, "scheduler"):
         raise TypeError(f"{type(pipe).__name__} has no `scheduler` attribute; pass a diffusers pipeline.")
     cls = get_scheduler_class(name_or_class)
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+    pipe.scheduler = cls.from_config(keep_model_keys(pipe.scheduler.config), **overrides)
     return pipe

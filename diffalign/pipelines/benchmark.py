@@ -1,0 +1,265 @@
+"""``diffalign bench``: samplers x NFE on one model, with ODE error, Fréchet distance and wall time.
+
+Every sampler starts from the same ``x_T`` (per seed) at the same noise level (``timestep_spacing='linspace'``, first
+timestep ``T - 1``) and is compared with an accurate solution of the probability-flow ODE from that ``x_T``
+(``reference.py``): the mean squared error isolates solver error (research/benchmark.md). Where the model has a
+feature space (``digits``), the Fréchet distance of the samples to the real data is reported too, beside its floor
+(the reference solution's own FD and real-vs-real). NFE counts model calls, so two-evaluation solvers (Heun) get
+the largest step count whose calls fit the budget.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import diffusers
+import torch
+from tqdm.auto import tqdm
+
+from ..samplers import SCHEDULERS, get_scheduler_class
+from ..samplers._base import keep_model_keys
+from ..samplers.schedule import NoiseScheduleVP
+from .sampling import model_output
+
+DIFFUSERS_BASELINES = (
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+)
+EXTRA_VARIANTS = ("dpm_solver_pp:solver_order=3", "dpm_solver_pp:solver_order=3,taylor_third_order=true")
+DEFAULT_NFE = (5, 6, 8, 10, 15, 20, 50)
+
+
+def default_samplers() -> list[str]:
+    """Every registered scheduler at its defaults, a few of our variants, then the diffusers baselines."""
+    return sorted(SCHEDULERS) + list(EXTRA_VARIANTS) + list(DIFFUSERS_BASELINES)
+
+
+@dataclass
+class BenchTarget:
+    """What the benchmark needs from a model.
+
+    ``model(x, t)``: the denoiser; ``reference(x_T, rho_T)``: the accurate ODE solution to ``rho = 0``;
+    ``fd(images)``: Fréchet distance of (B, ...) samples to the data, or None; ``fd_floors``: labelled floors.
+    """
+
+    name: str
+    model: Callable
+    scheduler_config: dict
+    sample_shape: tuple[int, ...]
+    reference: Callable[[torch.Tensor, float], torch.Tensor]
+    fd: Callable[[torch.Tensor], float] | None = None
+    fd_floors: dict[str, float] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+
+
+def parse_sampler(spec: str) -> tuple[str, type, dict]:
+    """``"name"`` or ``"name:key=value,key=value"`` -> (label, scheduler class, config overrides)."""
+    name, _, options = spec.partition(":")
+    overrides = {}
+    for item in filter(None, options.split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"sampler option {item!r} in {spec!r} must look like key=value.")
+        overrides[key.strip()] = _parse_value(raw.strip())
+    label = name if not overrides else f"{name} ({', '.join(f'{k}={v}' for k, v in overrides.items())})"
+    if name in DIFFUSERS_BASELINES or (hasattr(diffusers, name) and name not in SCHEDULERS):
+        label = f"diffusers {label}"
+    return label, get_scheduler_class(name), overrides
+
+
+def _parse_value(raw: str):
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+class _CountingModel:
+    """Counts model calls, so that the reported NFE is what was actually spent."""
+
+    def __init__(self, model: Callable):
+        self.model, self.calls = model, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return model_output(self.model, x, t)
+
+
+ODE_SETTINGS = {"timestep_spacing": "linspace", "clip_sample": False, "thresholding": False}
+"""Common to every sampler in a run: the same grid family and start, and no clipping of the data prediction
+(DDIM and DDPM default to ``clip_sample=True``, which changes the ODE being solved)."""
+
+
+def make_scheduler(cls: type, base_config: dict, overrides: dict):
+    """The scheduler a user gets by swapping ``cls`` into the model's pipeline, with ``ODE_SETTINGS``."""
+    return cls.from_config(keep_model_keys(base_config), **{**ODE_SETTINGS, **overrides})
+
+
+def steps_for_nfe(scheduler, nfe: int) -> int:
+    """Largest ``num_inference_steps`` whose timesteps (= model calls) fit in ``nfe``."""
+    for steps in range(nfe, 0, -1):
+        scheduler.set_timesteps(steps)
+        if len(scheduler.timesteps) <= nfe:
+            return steps
+    raise ValueError(f"{type(scheduler).__name__} cannot run within {nfe} model evaluations.")
+
+
+@torch.no_grad()
+def run_sampler(scheduler, model: Callable, x_T: torch.Tensor, steps: int) -> tuple[torch.Tensor, int, float]:
+    """Sample from ``x_T`` (B, ...); returns (x_0, model calls, seconds)."""
+    counted = _CountingModel(model)
+    start = time.perf_counter()
+    scheduler.set_timesteps(steps)
+    x = x_T * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(counted(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    return x, counted.calls, time.perf_counter() - start
+
+
+def run_benchmark(
+    target: BenchTarget,
+    samplers: Sequence[str] | None = None,
+    nfes: Sequence[int] = DEFAULT_NFE,
+    num_samples: int = 500,
+    seeds: Sequence[int] = (0, 1, 2),
+    progress: bool = True,
+) -> list[dict]:
+    """One row per (sampler, NFE, seed): mse to the reference, fd (or None), nfe actually used, ms per sample."""
+    specs = [parse_sampler(s) for s in (samplers or default_samplers())]
+    rows = []
+    bar = tqdm(total=len(specs) * len(nfes) * len(seeds), disable=not progress, desc=f"bench {target.name}")
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        x_T = torch.randn((num_samples, *target.sample_shape), generator=g).to(target.dtype)
+        schedule = NoiseScheduleVP.from_config(target.scheduler_config)
+        rho_T = float(schedule.rho(schedule.t_max))  # every linspace grid starts at t = T - 1
+        bar.set_postfix_str("reference solution")
+        reference = target.reference(x_T, rho_T).to(torch.float64)
+        for label, cls, overrides in specs:
+            scheduler = make_scheduler(cls, target.scheduler_config, overrides)
+            for nfe in nfes:
+                bar.set_postfix_str(f"{label} NFE {nfe}")
+                steps = steps_for_nfe(scheduler, nfe)
+                x0, calls, seconds = run_sampler(scheduler, target.model, x_T, steps)
+                x0 = x0.to(torch.float64)
+                rows.append(
+                    dict(
+                        sampler=label,
+                        nfe=nfe,
+                        nfe_used=calls,
+                        seed=seed,
+                        mse=(x0 - reference).pow(2).mean().item(),
+                        fd=target.fd(x0.float()) if target.fd else None,
+                        ms_per_sample=1e3 * seconds / num_samples,
+                    )
+                )
+                bar.update()
+    bar.close()
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and spread (population std across seeds) per (sampler, NFE), in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["sampler"], row["nfe"]), []).append(row)
+    out = []
+    for (sampler, nfe), group in groups.items():
+        summary = dict(sampler=sampler, nfe=nfe, nfe_used=group[0]["nfe_used"], seeds=len(group))
+        for key in ("mse", "fd", "ms_per_sample"):
+            values = [r[key] for r in group if r[key] is not None]
+            summary[key] = statistics.fmean(values) if values else None
+            summary[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else None
+        out.append(summary)
+    return out
+
+
+def markdown_table(summary: list[dict], metric: str, fmt: str = "{:.2e}") -> str:
+    """Samplers as rows, NFE as columns; cells ``mean ± std`` of ``metric`` across seeds."""
+    nfes = sorted({r["nfe"] for r in summary})
+    samplers = list(dict.fromkeys(r["sampler"] for r in summary))
+    cell = {(r["sampler"], r["nfe"]): r for r in summary}
+    lines = [f"| sampler | {' | '.join(f'NFE {n}' for n in nfes)} |", "|---" * (len(nfes) + 1) + "|"]
+    for s in samplers:
+        cells = []
+        for n in nfes:
+            r = cell.get((s, n))
+            if r is None or r[metric] is None:
+                cells.append("–")
+                continue
+            text = fmt.format(r[metric])
+            if r.get(f"{metric}_std") is not None:
+                text += f" ± {fmt.format(r[f'{metric}_std'])}"
+            if r["nfe_used"] != n:
+                text += f" ({r['nfe_used']} used)"
+            cells.append(text)
+        lines.append(f"| {s} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], target: BenchTarget, out_dir: str | Path, meta: dict) -> dict[str, Path]:
+    """CSV (summary), JSON (meta + per-seed rows + summary), Markdown tables and a PNG plot in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    paths = {k: out_dir / f"bench_{target.name}.{k}" for k in ("csv", "json", "md", "png")}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    meta = {**meta, "model": target.name, "fd_floors": target.fd_floors}
+    paths["json"].write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
+    md = [f"### {target.name}: mean squared error to the reference ODE solution (mean ± std over seeds)", ""]
+    md += [markdown_table(summary, "mse"), ""]
+    if target.fd is not None:
+        floors = ", ".join(f"{k} {v:.2f}" for k, v in target.fd_floors.items())
+        md += [f"### {target.name}: FD-digits (floors: {floors})", "", markdown_table(summary, "fd", "{:.2f}"), ""]
+    md += [f"### {target.name}: wall time per sample (ms)", "", markdown_table(summary, "ms_per_sample", "{:.3f}")]
+    paths["md"].write_text("\n".join(md) + "\n")
+    plot_summary(summary, target, paths["png"])
+    return paths
+
+
+def plot_summary(summary: list[dict], target: BenchTarget, path: Path) -> None:
+    """Error (and FD) against NFE on log axes, one line per sampler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["mse"] + (["fd"] if target.fd is not None else [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.8), squeeze=False)
+    samplers = list(dict.fromkeys(r["sampler"] for r in summary))
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for i, s in enumerate(samplers):
+            pts = sorted((r["nfe"], r[metric]) for r in summary if r["sampler"] == s and r[metric] is not None)
+            style = "-" if not s.startswith("diffusers") else "--"
+            ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, label=s, color=f"C{i % 10}")
+        if metric == "fd":
+            for k, (name, value) in enumerate(target.fd_floors.items()):
+                ax.axhline(value, color="gray", ls=":" if k else "-.", lw=1, label=f"floor: {name}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE (model evaluations)")
+        ax.set_ylabel("MSE to reference ODE solution" if metric == "mse" else "FD-digits")
+        ax.set_title(f"{target.name}: {'ODE error' if metric == 'mse' else 'Fréchet distance'} vs NFE")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0, -1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
