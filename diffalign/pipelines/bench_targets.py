@@ -1,14 +1,28 @@
-"""The models ``diffalign bench`` runs on: the embedded ``gmm`` and ``digits``, or a diffusers folder / hub id."""
+"""The models ``diffalign bench`` runs on: the embedded ``gmm`` and ``digits``, or a diffusers folder / hub id.
+
+A diffusers pipeline is benchmarked in its UNet's input space (pixels for ``UNet2DModel`` pipelines, latents for
+SD / SDXL) with classifier-free guidance inside the model function, exactly as its own loop would call it; the
+reference is an adaptive dopri5 solve of the same guided probability-flow ODE.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from ..samplers._base import MODEL_KEYS
+from ..samplers.schedule import NoiseScheduleVP
 from .benchmark import BenchTarget
 from .gmm import GaussianMixture
+from .reference import probability_flow_solution, timestep_eps_fn
 
 EMBEDDED = ("gmm", "digits")
+LEARNED_MODEL_RTOL = 1e-5  # dopri5 tolerance of the reference solution for learned models
+
+
+def _schedule_config(config) -> dict:
+    return {k: v for k, v in dict(config).items() if k in MODEL_KEYS}
 
 
 def gmm_target() -> BenchTarget:
@@ -17,17 +31,85 @@ def gmm_target() -> BenchTarget:
     return BenchTarget(
         name="gmm",
         model=lambda x, t: gmm(x.double(), t).sample,
-        scheduler_config={k: v for k, v in gmm.config.items() if k in MODEL_KEYS} | {"prediction_type": "epsilon"},
+        scheduler_config=_schedule_config(gmm.config) | {"prediction_type": "epsilon"},
         sample_shape=(1, 8, 8),
         reference=lambda x_T, rho_T: gmm.reference_solution(x_T, rho_T, 0.0),
     )
 
 
-def load_target(name_or_path: str) -> BenchTarget:
-    """An embedded model by name; anything else is rejected with the list of what exists."""
+def _reference_for(model, scheduler_config: dict, rtol: float):
+    schedule = NoiseScheduleVP.from_config(scheduler_config)
+    eps_fn = timestep_eps_fn(model, schedule, scheduler_config.get("prediction_type", "epsilon"))
+    return lambda x_T, rho_T: probability_flow_solution(eps_fn, x_T, rho_T, 0.0, rtol, rtol)
+
+
+def pipeline_target(
+    name_or_path: str,
+    prompts: list[str] | None = None,
+    guidance_scale: float = 7.5,
+    device: str = "cpu",
+    reference_rtol: float = LEARNED_MODEL_RTOL,
+) -> BenchTarget:
+    """A diffusers pipeline from a local folder or hub id: UNet2DModel pipelines, SD 1.x / 2.x, SDXL."""
+    from diffusers import DiffusionPipeline
+
+    if Path(name_or_path).exists() and not (Path(name_or_path) / "model_index.json").exists():
+        raise ValueError(f"{name_or_path} has no model_index.json; pass a folder saved with save_pretrained.")
+    pipe = DiffusionPipeline.from_pretrained(name_or_path).to(device)
+    unet, config = pipe.unet, _schedule_config(pipe.scheduler.config)
+    size = unet.config.sample_size
+    shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    name = Path(name_or_path).name or str(name_or_path)
+    if not hasattr(pipe, "encode_prompt"):
+        model = lambda x, t: unet(x.to(unet.dtype), t).sample.to(x.dtype)  # noqa: E731
+        return BenchTarget(name, model, config, shape, _reference_for(model, config, reference_rtol), dtype=unet.dtype)
+    if not prompts:
+        raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass --prompts with one or more prompts.")
+    model = GuidedUNet(pipe, prompts, guidance_scale)
+    return BenchTarget(name, model, config, shape, _reference_for(model, config, reference_rtol), dtype=unet.dtype)
+
+
+class GuidedUNet:
+    """``model(x, t)`` with classifier-free guidance for SD / SDXL; prompts repeat cyclically over the batch."""
+
+    def __init__(self, pipe, prompts: list[str], guidance_scale: float):
+        self.unet, self.guidance_scale = pipe.unet, guidance_scale
+        device = pipe.unet.device
+        encoded = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+        self.added = None
+        if len(encoded) == 4:  # SDXL: (embeds, negative embeds, pooled, negative pooled)
+            cond, uncond, pooled, uncond_pooled = encoded
+            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            proj_dim = pipe.text_encoder_2.config.projection_dim
+            time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), cond.dtype, proj_dim).to(device)
+            self.added = (torch.cat([uncond_pooled, pooled]), time_ids)
+        else:  # SD 1.x / 2.x: (embeds, negative embeds)
+            cond, uncond = encoded
+        self.embeds = torch.cat([uncond, cond])  # (2P, L, D): unconditional half first
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        B, P = x.shape[0], self.embeds.shape[0] // 2
+        index = torch.arange(B) % P
+        embeds = torch.cat([self.embeds[:P][index], self.embeds[P:][index]])  # (2B, L, D)
+        kwargs = {}
+        if self.added is not None:
+            pooled, time_ids = self.added
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.cat([pooled[:P][index], pooled[P:][index]]),
+                "time_ids": time_ids.repeat(2 * B, 1),
+            }
+        x_in = torch.cat([x, x]).to(self.unet.dtype)
+        out = self.unet(x_in, t, encoder_hidden_states=embeds, **kwargs).sample
+        uncond, cond = out.chunk(2)
+        return (uncond + self.guidance_scale * (cond - uncond)).to(x.dtype)
+
+
+def load_target(name_or_path: str, **pipeline_kwargs) -> BenchTarget:
+    """An embedded model by name, else a diffusers pipeline folder or hub id (``pipeline_target``'s keywords)."""
     if name_or_path == "gmm":
         return gmm_target()
-    raise ValueError(f"unknown model {name_or_path!r}; embedded models are {EMBEDDED}.")
+    if name_or_path == "digits":
+        from .digits_bench import digits_target
 
-
-__all__ = ["EMBEDDED", "gmm_target", "load_target", "torch"]
+        return digits_target()
+    return pipeline_target(name_or_path, **pipeline_kwargs)

@@ -46,13 +46,15 @@ def probability_flow_solution(
 
 
 def timestep_eps_fn(model, schedule: NoiseScheduleVP, prediction_type: str = "epsilon", cond=None):
-    """Wrap a UNet-like ``model(x, t)`` as ``eps_fn(x, rho)`` at the continuous timestep whose sigma is ``rho``."""
+    """Wrap a UNet-like ``model(x, t)`` as ``eps_fn(x, rho)`` at the continuous timestep whose sigma is ``rho``.
+
+    ``x`` arrives in float64; ``model`` casts it to its own dtype.
+    """
 
     def eps_fn(x: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
         r = float(rho)
         t = float(schedule.t_of_lambda(-np.log(r))) if r > 0 else 0.0
-        dtype = next((p.dtype for p in getattr(model, "parameters", list)()), x.dtype)
-        out = model_output(model, x.to(dtype), torch.tensor(t, device=x.device), cond).to(torch.float64)
+        out = model_output(model, x, torch.tensor(t, device=x.device), cond).to(torch.float64)
         alpha, sigma = (float(v) for v in alpha_sigma_from_rho(r))
         if prediction_type == "epsilon":
             return out
