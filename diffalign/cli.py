@@ -1,4 +1,4 @@
-"""``diffalign`` command line: ``diffalign sample`` (more subcommands arrive with their issues)."""
+"""``diffalign`` command line: ``bench`` and ``sample`` (more subcommands arrive with their issues)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,25 @@ def _sample(args: argparse.Namespace) -> int:
     for name, err in sorted(results, key=lambda r: r[1]):
         print(f"  {name:<{width}}  {err:.4f}")
     print(f"wrote {args.out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .pipelines.bench_targets import load_target
+    from .pipelines.benchmark import run_benchmark, write_outputs
+
+    kwargs = {}
+    if args.model not in ("gmm", "digits"):
+        kwargs = dict(prompts=args.prompts, guidance_scale=args.guidance_scale, device=args.device)
+    target = load_target(args.model, **kwargs)
+    rows = run_benchmark(target, args.samplers, args.nfe, args.num_samples, args.seeds, progress=not args.quiet)
+    command = "diffalign bench " + " ".join(shlex.quote(a) for a in args.argv)
+    meta = dict(command=command.strip(), num_samples=args.num_samples, seeds=args.seeds, nfe=args.nfe)
+    paths = write_outputs(rows, target, args.out, meta)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -36,16 +55,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=8, help="samples per scheduler (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default: %(default)s)")
     p.set_defaults(func=_sample)
+
+    from .pipelines.benchmark import DEFAULT_NFE
+
+    b = sub.add_parser(
+        "bench",
+        help="samplers x NFE: ODE error, Fréchet distance and wall time, as CSV / JSON / Markdown / PNG",
+        description="Benchmark samplers against an accurate probability-flow ODE solution from the same starting "
+        "noise (and FD-digits on the digits model) over a grid of NFE.",
+    )
+    b.add_argument(
+        "--model",
+        default="gmm",
+        help="embedded 'gmm' (analytic, exact reference) or 'digits', or a diffusers pipeline folder / hub id "
+        "(default: %(default)s)",
+    )
+    b.add_argument("--samplers", nargs="+", help="names or 'name:key=value,...' (default: ours + diffusers')")
+    b.add_argument("--nfe", nargs="+", type=int, default=list(DEFAULT_NFE), help="NFE grid (default: %(default)s)")
+    b.add_argument("--num-samples", type=int, default=500, help="samples per seed (default: %(default)s)")
+    b.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="starting-noise seeds (default: %(default)s)")
+    b.add_argument("--out", default="bench_out", help="output folder (default: %(default)s)")
+    b.add_argument("--prompts", nargs="+", help="prompts for text-conditioned pipelines (repeated over the batch)")
+    b.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for text pipelines (%(default)s)")
+    b.add_argument("--device", default="cpu", help="device for pipeline models (default: %(default)s)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv[1:]
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    if getattr(args, "nfe", 1) < 1:
+    nfes = args.nfe if isinstance(getattr(args, "nfe", None), list) else [getattr(args, "nfe", 1)]
+    if min(nfes) < 1:
         parser.error(f"--nfe must be >= 1, got {args.nfe}")
     return args.func(args)
 

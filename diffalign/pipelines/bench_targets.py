@@ -37,7 +37,7 @@ def gmm_target() -> BenchTarget:
     )
 
 
-def _reference_for(model, scheduler_config: dict, rtol: float):
+def reference_for(model, scheduler_config: dict, rtol: float):
     schedule = NoiseScheduleVP.from_config(scheduler_config)
     eps_fn = timestep_eps_fn(model, schedule, scheduler_config.get("prediction_type", "epsilon"))
     return lambda x_T, rho_T: probability_flow_solution(eps_fn, x_T, rho_T, 0.0, rtol, rtol)
@@ -62,11 +62,11 @@ def pipeline_target(
     name = Path(name_or_path).name or str(name_or_path)
     if not hasattr(pipe, "encode_prompt"):
         model = lambda x, t: unet(x.to(unet.dtype), t).sample.to(x.dtype)  # noqa: E731
-        return BenchTarget(name, model, config, shape, _reference_for(model, config, reference_rtol), dtype=unet.dtype)
+        return BenchTarget(name, model, config, shape, reference_for(model, config, reference_rtol), dtype=unet.dtype)
     if not prompts:
         raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass --prompts with one or more prompts.")
     model = GuidedUNet(pipe, prompts, guidance_scale)
-    return BenchTarget(name, model, config, shape, _reference_for(model, config, reference_rtol), dtype=unet.dtype)
+    return BenchTarget(name, model, config, shape, reference_for(model, config, reference_rtol), dtype=unet.dtype)
 
 
 class GuidedUNet:

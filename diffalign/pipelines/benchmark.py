@@ -37,6 +37,7 @@ DIFFUSERS_BASELINES = (
 )
 EXTRA_VARIANTS = ("dpm_solver_pp:solver_order=3", "dpm_solver_pp:solver_order=3,taylor_third_order=true")
 DEFAULT_NFE = (5, 6, 8, 10, 15, 20, 50)
+REFERENCE = "reference ODE solution"
 
 
 def default_samplers() -> list[str]:
@@ -150,6 +151,8 @@ def run_benchmark(
         rho_T = float(schedule.rho(schedule.t_max))  # every linspace grid starts at t = T - 1
         bar.set_postfix_str("reference solution")
         reference = target.reference(x_T, rho_T).to(torch.float64)
+        if target.fd is not None:
+            rows.append(dict(sampler=REFERENCE, nfe=None, nfe_used=None, seed=seed, mse=0.0, fd=target.fd(reference)))
         for label, cls, overrides in specs:
             scheduler = make_scheduler(cls, target.scheduler_config, overrides)
             for nfe in nfes:
@@ -173,10 +176,16 @@ def run_benchmark(
     return rows
 
 
+def reference_fd(rows: list[dict]) -> tuple[float, float] | None:
+    """Mean and std across seeds of the reference solution's FD: the floor of what a sampler can reach."""
+    values = [r["fd"] for r in rows if r["sampler"] == REFERENCE]
+    return (statistics.fmean(values), statistics.pstdev(values)) if values else None
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean and spread (population std across seeds) per (sampler, NFE), in first-seen order."""
     groups: dict[tuple, list[dict]] = {}
-    for row in rows:
+    for row in (r for r in rows if r["sampler"] != REFERENCE):
         groups.setdefault((row["sampler"], row["nfe"]), []).append(row)
     out = []
     for (sampler, nfe), group in groups.items():
@@ -222,27 +231,30 @@ def write_outputs(rows: list[dict], target: BenchTarget, out_dir: str | Path, me
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()
         writer.writerows(summary)
-    meta = {**meta, "model": target.name, "fd_floors": target.fd_floors}
+    floors = dict(target.fd_floors)
+    if reference_fd(rows) is not None:
+        floors[f"{REFERENCE} (± {reference_fd(rows)[1]:.2f})"] = reference_fd(rows)[0]
+    meta = {**meta, "model": target.name, "fd_floors": floors}
     paths["json"].write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
     md = [f"### {target.name}: mean squared error to the reference ODE solution (mean ± std over seeds)", ""]
     md += [markdown_table(summary, "mse"), ""]
     if target.fd is not None:
-        floors = ", ".join(f"{k} {v:.2f}" for k, v in target.fd_floors.items())
-        md += [f"### {target.name}: FD-digits (floors: {floors})", "", markdown_table(summary, "fd", "{:.2f}"), ""]
+        text = ", ".join(f"{k} {v:.2f}" for k, v in floors.items())
+        md += [f"### {target.name}: FD-digits (floors: {text})", "", markdown_table(summary, "fd", "{:.2f}"), ""]
     md += [f"### {target.name}: wall time per sample (ms)", "", markdown_table(summary, "ms_per_sample", "{:.3f}")]
     paths["md"].write_text("\n".join(md) + "\n")
-    plot_summary(summary, target, paths["png"])
+    plot_summary(summary, floors if target.fd is not None else None, target.name, paths["png"])
     return paths
 
 
-def plot_summary(summary: list[dict], target: BenchTarget, path: Path) -> None:
-    """Error (and FD) against NFE on log axes, one line per sampler."""
+def plot_summary(summary: list[dict], fd_floors: dict | None, name: str, path: Path) -> None:
+    """Error (and FD, with its floors, when ``fd_floors`` is given) against NFE on log axes, one line per sampler."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ["mse"] + (["fd"] if target.fd is not None else [])
+    metrics = ["mse"] + (["fd"] if fd_floors is not None else [])
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.8), squeeze=False)
     samplers = list(dict.fromkeys(r["sampler"] for r in summary))
     for ax, metric in zip(axes[0], metrics, strict=True):
@@ -251,13 +263,13 @@ def plot_summary(summary: list[dict], target: BenchTarget, path: Path) -> None:
             style = "-" if not s.startswith("diffusers") else "--"
             ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, label=s, color=f"C{i % 10}")
         if metric == "fd":
-            for k, (name, value) in enumerate(target.fd_floors.items()):
-                ax.axhline(value, color="gray", ls=":" if k else "-.", lw=1, label=f"floor: {name}")
+            for k, (label, value) in enumerate(fd_floors.items()):
+                ax.axhline(value, color="gray", ls=":" if k else "-.", lw=1, label=f"floor: {label}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("NFE (model evaluations)")
         ax.set_ylabel("MSE to reference ODE solution" if metric == "mse" else "FD-digits")
-        ax.set_title(f"{target.name}: {'ODE error' if metric == 'mse' else 'Fréchet distance'} vs NFE")
+        ax.set_title(f"{name}: {'ODE error' if metric == 'mse' else 'Fréchet distance'} vs NFE")
         ax.grid(True, which="both", alpha=0.3)
     axes[0, -1].legend(fontsize=7, loc="best")
     fig.tight_layout()

@@ -1,0 +1,31 @@
+"""The embedded ``digits`` UNet as a benchmark target: ODE error against dopri5, and FD-digits with its floors."""
+
+from __future__ import annotations
+
+import torch
+
+from ..samplers._base import MODEL_KEYS
+from .bench_targets import LEARNED_MODEL_RTOL, reference_for
+from .benchmark import BenchTarget
+from .digits import build_scheduler, load_digits_unet
+from .frechet import digits_fd_floor, fd_digits
+
+
+def digits_target(reference_rtol: float = LEARNED_MODEL_RTOL) -> BenchTarget:
+    """``digits``: (1, 8, 8) images in [-1, 1]; FD-digits of samples clamped to that range, as a pipeline outputs."""
+    unet = load_digits_unet()
+    config = {k: v for k, v in dict(build_scheduler().config).items() if k in MODEL_KEYS}
+
+    @torch.no_grad()
+    def model(x: torch.Tensor, t) -> torch.Tensor:
+        return unet(x.to(unet.dtype), t).sample.to(x.dtype)
+
+    return BenchTarget(
+        name="digits",
+        model=model,
+        scheduler_config=config,
+        sample_shape=(1, 8, 8),
+        reference=reference_for(model, config, reference_rtol),
+        fd=lambda images: fd_digits(images.clamp(-1, 1)),
+        fd_floors={"real vs real halves": digits_fd_floor()},
+    )
