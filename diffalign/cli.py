@@ -27,6 +27,10 @@ def _bench(args: argparse.Namespace) -> int:
     kwargs = {}
     if args.model not in ("gmm", "digits"):
         kwargs = dict(prompts=args.prompts, guidance_scale=args.guidance_scale, device=args.device)
+        if args.fid == "inception":
+            kwargs.update(inception_weights=args.inception_weights, fid_stats=args.fid_stats)
+    elif args.fid == "inception":
+        raise SystemExit("--fid inception applies to diffusers pipelines; the embedded models use FD-digits / none.")
     target = load_target(args.model, **kwargs)
     rows = run_benchmark(target, args.samplers, args.nfe, args.num_samples, args.seeds, progress=not args.quiet)
     command = "diffalign bench " + " ".join(shlex.quote(a) for a in args.argv)
@@ -78,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", nargs="+", help="prompts for text-conditioned pipelines (repeated over the batch)")
     b.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for text pipelines (%(default)s)")
     b.add_argument("--device", default="cpu", help="device for pipeline models (default: %(default)s)")
+    b.add_argument(
+        "--fid",
+        choices=["default", "inception"],
+        default="default",
+        help="'default': FD-digits on digits, none elsewhere; 'inception': real FID for pipeline models",
+    )
+    b.add_argument("--inception-weights", help="torch-fidelity pt_inception-2015-12-05 weights file (offline)")
+    b.add_argument("--fid-stats", help="real-data Inception statistics: .npz with 'mu' (2048,), 'sigma' (2048, 2048)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_bench)
     return parser

@@ -49,8 +49,14 @@ def pipeline_target(
     guidance_scale: float = 7.5,
     device: str = "cpu",
     reference_rtol: float = LEARNED_MODEL_RTOL,
+    inception_weights: str | None = None,
+    fid_stats: str | None = None,
 ) -> BenchTarget:
-    """A diffusers pipeline from a local folder or hub id: UNet2DModel pipelines, SD 1.x / 2.x, SDXL."""
+    """A diffusers pipeline from a local folder or hub id: UNet2DModel pipelines, SD 1.x / 2.x, SDXL.
+
+    With ``inception_weights`` and ``fid_stats`` the samples (decoded by the VAE for latent pipelines) are scored by
+    real FID (``inception.py``).
+    """
     from diffusers import DiffusionPipeline
 
     if Path(name_or_path).exists() and not (Path(name_or_path) / "model_index.json").exists():
@@ -60,13 +66,31 @@ def pipeline_target(
     size = unet.config.sample_size
     shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
     name = Path(name_or_path).name or str(name_or_path)
-    if not hasattr(pipe, "encode_prompt"):
+    if hasattr(pipe, "encode_prompt"):
+        if not prompts:
+            raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass --prompts with one or more prompts.")
+        model = GuidedUNet(pipe, prompts, guidance_scale)
+    else:
         model = lambda x, t: unet(x.to(unet.dtype), t).sample.to(x.dtype)  # noqa: E731
-        return BenchTarget(name, model, config, shape, reference_for(model, config, reference_rtol), dtype=unet.dtype)
-    if not prompts:
-        raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass --prompts with one or more prompts.")
-    model = GuidedUNet(pipe, prompts, guidance_scale)
-    return BenchTarget(name, model, config, shape, reference_for(model, config, reference_rtol), dtype=unet.dtype)
+    target = BenchTarget(name, model, config, shape, reference_for(model, config, reference_rtol), dtype=unet.dtype)
+    if inception_weights is not None or fid_stats is not None:
+        if inception_weights is None or fid_stats is None:
+            raise ValueError("--fid inception needs both --inception-weights PATH and --fid-stats PATH.npz.")
+        from .inception import inception_fid_fn
+
+        target.fd = inception_fid_fn(inception_weights, fid_stats, _decoder(pipe))
+        target.fd_name = "FID (Inception)"
+    return target
+
+
+def _decoder(pipe):
+    """Samples -> images in [-1, 1]: the VAE for latent pipelines, identity for pixel-space ones."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return lambda x: x.float()
+    return lambda z: torch.cat(
+        [vae.decode(c.to(vae.dtype) / vae.config.scaling_factor).sample for c in z.split(8)]
+    ).float()
 
 
 class GuidedUNet:

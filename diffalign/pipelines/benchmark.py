@@ -61,6 +61,7 @@ class BenchTarget:
     fd: Callable[[torch.Tensor], float] | None = None
     fd_floors: dict[str, float] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
+    fd_name: str = "FD-digits"
 
 
 def parse_sampler(spec: str) -> tuple[str, type, dict]:
@@ -240,14 +241,19 @@ def write_outputs(rows: list[dict], target: BenchTarget, out_dir: str | Path, me
     md += [markdown_table(summary, "mse"), ""]
     if target.fd is not None:
         text = ", ".join(f"{k} {v:.2f}" for k, v in floors.items())
-        md += [f"### {target.name}: FD-digits (floors: {text})", "", markdown_table(summary, "fd", "{:.2f}"), ""]
+        md += [
+            f"### {target.name}: {target.fd_name} (floors: {text})",
+            "",
+            markdown_table(summary, "fd", "{:.2f}"),
+            "",
+        ]
     md += [f"### {target.name}: wall time per sample (ms)", "", markdown_table(summary, "ms_per_sample", "{:.3f}")]
     paths["md"].write_text("\n".join(md) + "\n")
-    plot_summary(summary, floors if target.fd is not None else None, target.name, paths["png"])
+    plot_summary(summary, floors if target.fd is not None else None, target.name, target.fd_name, paths["png"])
     return paths
 
 
-def plot_summary(summary: list[dict], fd_floors: dict | None, name: str, path: Path) -> None:
+def plot_summary(summary: list[dict], fd_floors: dict | None, name: str, fd_name: str, path: Path) -> None:
     """Error (and FD, with its floors, when ``fd_floors`` is given) against NFE on log axes, one line per sampler."""
     import matplotlib
 
@@ -268,7 +274,7 @@ def plot_summary(summary: list[dict], fd_floors: dict | None, name: str, path: P
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("NFE (model evaluations)")
-        ax.set_ylabel("MSE to reference ODE solution" if metric == "mse" else "FD-digits")
+        ax.set_ylabel("MSE to reference ODE solution" if metric == "mse" else fd_name)
         ax.set_title(f"{name}: {'ODE error' if metric == 'mse' else 'Fréchet distance'} vs NFE")
         ax.grid(True, which="both", alpha=0.3)
     axes[0, -1].legend(fontsize=7, loc="best")

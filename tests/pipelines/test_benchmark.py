@@ -91,3 +91,24 @@ def test_text_to_image_pipeline_folder_with_guidance(make, tmp_path):
 def test_bad_model_paths_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no model_index.json"):
         load_target(str(tmp_path))
+
+
+def test_inception_fid_needs_the_users_files(tmp_path):
+    from diffalign.pipelines.inception import inception_extractor, load_fid_stats
+
+    with pytest.raises(FileNotFoundError, match="--inception-weights .* does not exist"):
+        inception_extractor(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="--fid-stats"):
+        load_fid_stats(tmp_path / "missing.npz")
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(2048))
+    with pytest.raises(ValueError, match="needs 'mu'"):
+        load_fid_stats(tmp_path / "bad.npz")
+    np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match="expected \\(2048,\\)"):
+        load_fid_stats(tmp_path / "small.npz")
+    (tmp_path / "weights.pth").write_bytes(b"not really weights")
+    try:
+        import torch_fidelity  # noqa: F401
+    except Exception:
+        with pytest.raises(ImportError, match="diffalign\\[eval\\]"):
+            inception_extractor(tmp_path / "weights.pth")
