@@ -256,6 +256,7 @@ def write_outputs(rows: list[dict], target: BenchTarget, out_dir: str | Path, me
 def plot_summary(summary: list[dict], fd_floors: dict | None, name: str, fd_name: str, path: Path) -> None:
     """Error (and FD, with its floors, when ``fd_floors`` is given) against NFE on log axes, one line per sampler."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -273,6 +274,9 @@ def plot_summary(summary: list[dict], fd_floors: dict | None, name: str, fd_name
                 ax.axhline(value, color="gray", ls=":" if k else "-.", lw=1, label=f"floor: {label}")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        nfes = sorted({r["nfe"] for r in summary})
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("NFE (model evaluations)")
         ax.set_ylabel("MSE to reference ODE solution" if metric == "mse" else fd_name)
         ax.set_title(f"{name}: {'ODE error' if metric == 'mse' else 'Fréchet distance'} vs NFE")
