@@ -35,7 +35,11 @@ DIFFUSERS_BASELINES = (
     "EulerDiscreteScheduler",
     "HeunDiscreteScheduler",
 )
-EXTRA_VARIANTS = ("dpm_solver_pp:solver_order=3", "dpm_solver_pp:solver_order=3,taylor_third_order=true")
+EXTRA_VARIANTS = (
+    "dpm_solver_pp:solver_order=3",
+    "dpm_solver_pp:solver_order=3,taylor_third_order=true",
+    "dpm_solver_pp:solver_order=3,taylor_third_order=true,timestep_spacing=logSNR,final_sigmas_type=sigma_min",
+)
 DEFAULT_NFE = (5, 6, 8, 10, 15, 20, 50)
 REFERENCE = "reference ODE solution"
 
