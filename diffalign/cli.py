@@ -32,7 +32,9 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.fid == "inception":
         raise SystemExit("--fid inception applies to diffusers pipelines; the embedded models use FD-digits / none.")
     target = load_target(args.model, **kwargs)
-    rows = run_benchmark(target, args.samplers, args.nfe, args.num_samples, args.seeds, progress=not args.quiet)
+    rows = run_benchmark(
+        target, args.samplers, args.nfe, args.num_samples, args.seeds, not args.quiet, args.reference_samples
+    )
     command = "diffalign bench " + " ".join(shlex.quote(a) for a in args.argv)
     meta = dict(command=command.strip(), num_samples=args.num_samples, seeds=args.seeds, nfe=args.nfe)
     paths = write_outputs(rows, target, args.out, meta)
@@ -78,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--nfe", nargs="+", type=int, default=list(DEFAULT_NFE), help="NFE grid (default: %(default)s)")
     b.add_argument("--num-samples", type=int, default=500, help="samples per seed (default: %(default)s)")
     b.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="starting-noise seeds (default: %(default)s)")
+    b.add_argument(
+        "--reference-samples",
+        type=int,
+        default=128,
+        help="samples per seed solved accurately for the ODE error (default: %(default)s)",
+    )
     b.add_argument("--out", default="bench_out", help="output folder (default: %(default)s)")
     b.add_argument("--prompts", nargs="+", help="prompts for text-conditioned pipelines (repeated over the batch)")
     b.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for text pipelines (%(default)s)")
