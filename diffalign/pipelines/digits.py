@@ -17,15 +17,16 @@ Everything here runs offline on CPU and is small enough to ship inside the packa
   ``init_noise_sigma``, ``scale_model_input``, ``step(...).prev_sample``), so any diffusers scheduler swaps in with
   ``pipe.scheduler = X.from_config(pipe.scheduler.config)``.
 
-The shipped weights live in ``diffalign/assets/digits/`` as saved diffusers folders (safetensors + JSON) and are
-retrained by ``scripts/train_embedded.py``. The loaders read them with safetensors only.
+The shipped weights live in ``diffalign/assets/digits/`` as saved diffusers folders (safetensors + JSON, float16
+to keep them small) and are retrained by ``scripts/train_embedded.py``. The loaders read them with safetensors
+only and return float32 models.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", 
 _DIGIT_PATTERN = re.compile(r"(?<![0-9a-z])(" + "|".join(_NUMBER_WORDS) + r"|[0-9])(?![0-9a-z])")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All digits as float32 (N, 1, 8, 8) in [-1, 1], their labels (N,), and the seeded held-out mask (N,)."""
     from sklearn.datasets import load_digits
@@ -139,14 +140,29 @@ class DigitsPromptEncoder(ModelMixin, ConfigMixin):
 
 
 def build_scheduler() -> DDPMScheduler:
-    """The DDPM training schedule of both diffusion models: linear betas 1e-4..0.02, 1,000 steps, epsilon."""
+    """The DDPM training schedule of both diffusion models: linear betas 1e-4..0.02, 1,000 steps, epsilon.
+
+    Two choices make every scheduler built with ``from_config`` solve the plain ODE from pure noise: ``clip_sample``
+    is off (DDIM would inherit it), and the spacing is ``"trailing"`` so that the first timestep is 999 (with
+    ``"leading"``, DPMSolverMultistep at 200 steps would start at t=800).
+    """
     return DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon"
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        timestep_spacing="trailing",
     )
 
 
 def build_digits_unet(conditional: bool = False, hidden_size: int = 32) -> UNet2DModel | UNet2DConditionModel:
-    """A freshly initialised UNet for 8x8 digits (8x8 -> 4x4 -> 2x2); ``conditional`` adds cross-attention."""
+    """A freshly initialised UNet for 8x8 digits (8x8 -> 4x4 -> 2x2, about 1.1M parameters).
+
+    The unconditional UNet has self-attention at 4x4. The conditional one reads the prompt through the
+    cross-attention of its 2x2 middle block only: one prompt token makes it a learned per-digit feature there.
+    """
     common = dict(
         sample_size=IMAGE_SIZE,
         in_channels=1,
@@ -157,8 +173,8 @@ def build_digits_unet(conditional: bool = False, hidden_size: int = 32) -> UNet2
     )
     if conditional:
         return UNet2DConditionModel(
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D",) * 3,
+            up_block_types=("UpBlock2D",) * 3,
             cross_attention_dim=hidden_size,
             attention_head_dim=8,
             **common,
@@ -276,18 +292,22 @@ def _asset(name: str, path: str | Path | None) -> Path:
 
 
 def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
-    """The shipped digits classifier (or one saved at ``path``) in eval mode, read from safetensors."""
-    return DigitsClassifier.from_pretrained(_asset("classifier", path), use_safetensors=True).eval()
+    """The shipped digits classifier (or one saved at ``path``) in float32 and eval mode, read from safetensors."""
+    return DigitsClassifier.from_pretrained(_asset("classifier", path), use_safetensors=True).float().eval()
 
 
 def load_digits_pipeline(conditional: bool = False, path: str | Path | None = None) -> DigitsPipeline:
-    """The shipped ``digits`` (or ``digits-cond`` when ``conditional``) pipeline with its DDPM scheduler."""
+    """The shipped ``digits`` (or ``digits-cond`` when ``conditional``) pipeline in float32, DDPM scheduler."""
     folder = _asset("digits-cond" if conditional else "digits", path)
-    return DigitsPipeline.from_pretrained(folder, use_safetensors=True)
+    pipeline = DigitsPipeline.from_pretrained(folder, use_safetensors=True)
+    for module in (pipeline.unet, pipeline.text_encoder):
+        if module is not None:
+            module.float()
+    return pipeline
 
 
 def load_digits_unet(conditional: bool = False, path: str | Path | None = None) -> UNet2DModel | UNet2DConditionModel:
     """The shipped UNet alone (its scheduler config is in the sibling ``scheduler/scheduler_config.json``)."""
     folder = _asset("digits-cond" if conditional else "digits", path)
     unet_class = UNet2DConditionModel if conditional else UNet2DModel
-    return unet_class.from_pretrained(folder, subfolder="unet", use_safetensors=True).eval()
+    return unet_class.from_pretrained(folder, subfolder="unet", use_safetensors=True).float().eval()
