@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--samplers", nargs="+", help="names or 'name:key=value,...' (default: ours + diffusers')")
     b.add_argument("--nfe", nargs="+", type=int, default=list(DEFAULT_NFE), help="NFE grid (default: %(default)s)")
-    b.add_argument("--num-samples", type=int, default=500, help="samples per seed (default: %(default)s)")
+    b.add_argument("--num-samples", type=int, default=400, help="samples per seed (default: %(default)s)")
     b.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="starting-noise seeds (default: %(default)s)")
     b.add_argument(
         "--reference-samples",
