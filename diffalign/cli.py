@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--model",
-        default="gmm",
-        help="embedded 'gmm' (analytic, exact reference) or 'digits', or a diffusers pipeline folder / hub id "
+        default="digits",
+        help="embedded 'digits' (small UNet, FD-digits) or 'gmm' (analytic, exact reference), or a diffusers "
+        "pipeline folder / hub id "
         "(default: %(default)s)",
     )
     b.add_argument("--samplers", nargs="+", help="names or 'name:key=value,...' (default: ours + diffusers')")

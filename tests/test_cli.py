@@ -31,3 +31,12 @@ def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--nfe", "0"])
     assert "--nfe must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_writes_its_outputs(tmp_path, capsys):
+    args = ["bench", "--model", "gmm", "--nfe", "4", "8", "--num-samples", "16", "--seeds", "0", "--quiet"]
+    assert main(args + ["--samplers", "dpm_solver_pp", "DDIMScheduler", "--out", str(tmp_path)]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {f"bench_gmm.{ext}" for ext in ("csv", "json", "md", "png")}
+    assert "| dpm_solver_pp |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--fid inception applies to diffusers pipelines"):
+        main(["bench", "--model", "gmm", "--fid", "inception"])

@@ -279,7 +279,7 @@ def plot_summary(summary: list[dict], fd_floors: dict | None, name: str, fd_name
     import matplotlib.pyplot as plt
 
     metrics = ["mse"] + (["fd"] if fd_floors is not None else [])
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 6.2), squeeze=False)
     samplers = list(dict.fromkeys(r["sampler"] for r in summary))
     for ax, metric in zip(axes[0], metrics, strict=True):
         for i, s in enumerate(samplers):
@@ -298,7 +298,8 @@ def plot_summary(summary: list[dict], fd_floors: dict | None, name: str, fd_name
         ax.set_ylabel("MSE to reference ODE solution" if metric == "mse" else fd_name)
         ax.set_title(f"{name}: {'ODE error' if metric == 'mse' else 'Fréchet distance'} vs NFE")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0, -1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[0, -1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.22, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
