@@ -21,7 +21,8 @@ EMBEDDED = ("gmm", "digits")
 LEARNED_MODEL_RTOL = 1e-5  # dopri5 tolerance of the reference solution for learned models
 
 
-def _schedule_config(config) -> dict:
+def schedule_config(config) -> dict:
+    """The model keys (noise schedule, prediction type) of a scheduler config, shared by every benchmarked sampler."""
     return {k: v for k, v in dict(config).items() if k in MODEL_KEYS}
 
 
@@ -31,7 +32,7 @@ def gmm_target() -> BenchTarget:
     return BenchTarget(
         name="gmm",
         model=lambda x, t: gmm(x.double(), t).sample,
-        scheduler_config=_schedule_config(gmm.config) | {"prediction_type": "epsilon"},
+        scheduler_config=schedule_config(gmm.config) | {"prediction_type": "epsilon"},
         sample_shape=(1, 8, 8),
         reference=lambda x_T, rho_T: gmm.reference_solution(x_T, rho_T, 0.0),
     )
@@ -62,7 +63,7 @@ def pipeline_target(
     if Path(name_or_path).exists() and not (Path(name_or_path) / "model_index.json").exists():
         raise ValueError(f"{name_or_path} has no model_index.json; pass a folder saved with save_pretrained.")
     pipe = DiffusionPipeline.from_pretrained(name_or_path).to(device)
-    unet, config = pipe.unet, _schedule_config(pipe.scheduler.config)
+    unet, config = pipe.unet, schedule_config(pipe.scheduler.config)
     size = unet.config.sample_size
     shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
     name = Path(name_or_path).name or str(name_or_path)

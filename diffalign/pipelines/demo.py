@@ -33,8 +33,7 @@ def run_sample_demo(out: str | Path, nfe: int = 6, num_images: int = 8, seed: in
     x_T = randn_tensor((num_images, 1, 8, 8), generator=torch.Generator().manual_seed(seed), dtype=gmm.dtype)
     exact = gmm.reference_solution(x_T, float(gmm.noise_schedule.rho(999.0)), 0.0).float()
     rows = [("exact ODE solution", exact, 0.0)]
-    candidates = {name: cls for name, cls in BASELINES.items()} | {name: cls for name, cls in SCHEDULERS.items()}
-    for name, cls in candidates.items():
+    for name, cls in (BASELINES | SCHEDULERS).items():
         swap_scheduler(pipe, cls)
         images = pipe(
             batch_size=num_images,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..samplers._base import MODEL_KEYS
-from .bench_targets import LEARNED_MODEL_RTOL, reference_for
+from .bench_targets import LEARNED_MODEL_RTOL, reference_for, schedule_config
 from .benchmark import BenchTarget
 from .digits import build_scheduler, load_digits_unet
 from .frechet import digits_fd_floor, fd_digits
@@ -14,7 +13,7 @@ from .frechet import digits_fd_floor, fd_digits
 def digits_target(reference_rtol: float = LEARNED_MODEL_RTOL) -> BenchTarget:
     """``digits``: (1, 8, 8) images in [-1, 1]; FD-digits of samples clamped to that range, as a pipeline outputs."""
     unet = load_digits_unet()
-    config = {k: v for k, v in dict(build_scheduler().config).items() if k in MODEL_KEYS}
+    config = schedule_config(build_scheduler().config)
 
     @torch.no_grad()
     def model(x: torch.Tensor, t) -> torch.Tensor:
