@@ -9,21 +9,29 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from tiny_pipelines import make_sd_pipeline, make_sdxl_pipeline
 
 from diffalign.pipelines.bench_targets import gmm_target, load_target
-from diffalign.pipelines.benchmark import parse_sampler, run_benchmark, steps_for_nfe, summarize, write_outputs
-
-FAST = ["dpm_solver_pp", "DDIMScheduler", "HeunDiscreteScheduler"]
+from diffalign.pipelines.benchmark import (
+    default_samplers,
+    parse_sampler,
+    run_benchmark,
+    steps_for_nfe,
+    summarize,
+    write_outputs,
+)
 
 
 @pytest.fixture(scope="module")
 def gmm_rows():
-    return run_benchmark(gmm_target(), FAST, nfes=(5, 10, 20), num_samples=64, seeds=(0, 1), progress=False)
+    """Every default sampler (ours, our variants, diffusers') on the analytic model."""
+    return run_benchmark(gmm_target(), None, nfes=(5, 10, 20), num_samples=64, seeds=(0, 1), progress=False)
 
 
 def test_reference_error_falls_with_nfe_for_every_solver(gmm_rows):
     for s in summarize(gmm_rows):
         assert s["seeds"] == 2 and s["ms_per_sample"] > 0
     by = {(r["sampler"], r["nfe"]): r["mse"] for r in summarize(gmm_rows)}
-    for sampler in {r["sampler"] for r in gmm_rows}:
+    samplers = {r["sampler"] for r in gmm_rows}
+    assert len(samplers) == len(default_samplers()) >= 10
+    for sampler in samplers:
         errors = [by[(sampler, n)] for n in (5, 10, 20)]
         assert errors[0] > errors[1] > errors[2], (sampler, errors)
     # DPM-Solver++(2M) beats DDIM clearly at NFE 10 (measured 7.6e-3 vs 1.5e-2 on 500 samples).
