@@ -106,7 +106,6 @@ def singlestep_orders(n: int, solver_order: int, lower_order_final: bool, final_
         blocks = [2] * (n // 2 - 1) + [1, 1] if n % 2 == 0 else [2] * (n // 2) + [1]
     else:
         blocks = [1] * n
-    blocks = [b for b in blocks if b > 0]
     if final_zero and blocks[-1] != 1:
         blocks[-1:] = [blocks[-1] - 1, 1]
     return blocks
@@ -177,16 +176,15 @@ class DPMSolverBase(VPScheduler, ConfigMixin):
         self._init_vp()
 
     # ---- grid ---------------------------------------------------------------------------------------------------
-    def _block_orders(self, n: int) -> list[int]:
-        cfg = self.config
-        return singlestep_orders(n, cfg.solver_order, cfg.lower_order_final, cfg.final_sigmas_type == "zero")
+    def _block_orders(self, n: int, final_zero: bool) -> list[int]:
+        return singlestep_orders(n, self.config.solver_order, self.config.lower_order_final, final_zero)
 
     def _plan_grid(self, num_inference_steps: int) -> np.ndarray:
         """For singlestep on a logSNR grid, DPM-Solver-fast's grid: blocks uniform in lambda, stages inside them at
         ``r = 1/k, 2/k`` (Lu et al. 2022a, Sec. 3.4). Otherwise the stages are the plain grid's points."""
         if self.config.solver_mode != "singlestep" or self._spacing() != "logSNR":
             return super()._plan_grid(num_inference_steps)
-        blocks = self._block_orders(num_inference_steps)
+        blocks = self._block_orders(num_inference_steps, self.config.final_sigmas_type == "zero")
         t_max = clipped_t_max(self.noise_schedule, self.config.lambda_min_clipped)
         outer = time_grid(self.noise_schedule, len(blocks), spacing="logSNR", t_max=t_max)  # (K + 1,)
         lam = self.noise_schedule.lambda_t(outer)  # (K + 1,)
@@ -198,9 +196,7 @@ class DPMSolverBase(VPScheduler, ConfigMixin):
         self._history: list[torch.Tensor] = []  # multistep: newest last, at most solver_order entries
         self._first_index = 0
         if self.config.solver_mode == "singlestep":
-            blocks = self._block_orders(n)
-            if self.sigma_grid[-1] == 0 and blocks[-1] != 1:
-                blocks[-1:] = [blocks[-1] - 1, 1]
+            blocks = self._block_orders(n, final_zero=self.sigma_grid[-1] == 0)  # custom sigmas may end at 0
             starts = np.cumsum([0] + blocks[:-1])
             self._block_start = np.repeat(starts, blocks)  # (n,) first grid index of each step's block
             self._block_end = np.repeat(starts + np.asarray(blocks), blocks)  # (n,) grid index the block ends at
