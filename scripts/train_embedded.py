@@ -11,10 +11,12 @@ Each diffusion model is saved as a ``DigitsPipeline`` folder (``model_index.json
 with ``scheduler_config.json``, and ``text_encoder/`` for ``digits-cond``), all safetensors + JSON. Weights are
 stored in float16 to keep the package small (about 4.6 MB in all); the loaders cast them back to float32.
 
-Time (torch 2.13 CPU): 34 minutes on 1 core (``--threads 1``: classifier 18 s, digits 1,026 s, digits-cond
-979 s), about 21 minutes on 2 idle cores (2 threads run a training step in 0.62x the 1-thread time). On a busy
+Time (torch 2.13 CPU), measured: 19 min 50 s on 2 idle cores (``--threads 2``: classifier 20 s, digits 604 s,
+digits-cond 561 s); 34 minutes on 1 core of a shared machine (``--threads 1``: 18 s, 1,026 s, 979 s). On a busy
 machine use ``--threads 1``: two threads competing with another process can be many times slower. Seeds are fixed,
-so a rerun on the same machine and thread count reproduces the shipped weights.
+so a rerun with the same thread count reproduces the shipped weights bit for bit (they were trained with
+``--threads 1``); another thread count changes float summation order, so its weights differ slightly (same
+classifier accuracy, 0.9972).
 
     python scripts/train_embedded.py                 # retrain everything into diffalign/assets/digits
     python scripts/train_embedded.py --quick --out /tmp/digits   # one step each (a smoke test)
