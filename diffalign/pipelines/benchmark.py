@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..samplers import SCHEDULERS, get_scheduler_class
 from ..samplers._base import keep_model_keys
 from ..samplers.schedule import NoiseScheduleVP
-from .sampling import model_output
+from .sampling import model_output, sample
 
 DIFFUSERS_BASELINES = (
     "DDIMScheduler",
@@ -132,10 +132,7 @@ def run_sampler(scheduler, model: Callable, x_T: torch.Tensor, steps: int) -> tu
     """Sample from ``x_T`` (B, ...); returns (x_0, model calls, seconds)."""
     counted = _CountingModel(model)
     start = time.perf_counter()
-    scheduler.set_timesteps(steps)
-    x = x_T * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(counted(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    x = sample(counted, x_T, scheduler, steps)
     return x, counted.calls, time.perf_counter() - start
 
 
