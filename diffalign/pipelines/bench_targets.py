@@ -18,6 +18,8 @@ from .gmm import GaussianMixture
 from .reference import probability_flow_solution, timestep_eps_fn
 
 EMBEDDED = ("gmm", "digits")
+GMM_SCHEDULER_DIR = Path(__file__).resolve().parent.parent / "assets" / "gmm" / "scheduler"
+"""The embedded mixture's scheduler folder: its schedule config and learned side information (EMS, DC ratios)."""
 LEARNED_MODEL_RTOL = 1e-5  # dopri5 tolerance of the reference solution for learned models
 
 
@@ -35,6 +37,7 @@ def gmm_target() -> BenchTarget:
         scheduler_config=schedule_config(gmm.config) | {"prediction_type": "epsilon"},
         sample_shape=(1, 8, 8),
         reference=lambda x_T, rho_T: gmm.reference_solution(x_T, rho_T, 0.0),
+        side_info=GMM_SCHEDULER_DIR,
     )
 
 

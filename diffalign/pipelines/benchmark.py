@@ -14,6 +14,7 @@ import csv
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from ..samplers import SCHEDULERS, get_scheduler_class
 from ..samplers._base import keep_model_keys
 from ..samplers.schedule import NoiseScheduleVP
+from ..samplers.side_info import SideInfoMixin, has_side_info
 from .sampling import model_output, sample
 
 DIFFUSERS_BASELINES = (
@@ -68,6 +70,8 @@ class BenchTarget:
     fd_floors: dict[str, float] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
     fd_name: str = "FD-digits"
+    side_info: Path | None = None
+    """Folder with learned scheduler side information (v3 EMS, DC ratios) for this model, if any."""
 
 
 def parse_sampler(spec: str) -> tuple[str, type, dict]:
@@ -113,9 +117,20 @@ ODE_SETTINGS = {"timestep_spacing": "linspace", "clip_sample": False, "threshold
 (DDIM and DDPM default to ``clip_sample=True``, which changes the ODE being solved)."""
 
 
-def make_scheduler(cls: type, base_config: dict, overrides: dict):
-    """The scheduler a user gets by swapping ``cls`` into the model's pipeline, with ``ODE_SETTINGS``."""
-    return cls.from_config(keep_model_keys(base_config), **{**ODE_SETTINGS, **overrides})
+def make_scheduler(cls: type, base_config: dict, overrides: dict, side_info: Path | None = None):
+    """The scheduler a user gets by swapping ``cls`` into the model's pipeline, with ``ODE_SETTINGS``.
+
+    A scheduler with learned side information loads it from ``side_info`` when that folder has it; if it was
+    computed for other settings than ``overrides`` ask for, the scheduler keeps its fallback and says so.
+    """
+    scheduler = cls.from_config(keep_model_keys(base_config), **{**ODE_SETTINGS, **overrides})
+    if side_info is not None and isinstance(scheduler, SideInfoMixin):
+        if has_side_info(side_info, scheduler.side_info_name):
+            try:
+                scheduler.load_side_info(side_info)
+            except ValueError as err:
+                warnings.warn(f"{cls.__name__}{overrides or ''}: side information not used: {err}", stacklevel=2)
+    return scheduler
 
 
 def steps_for_nfe(scheduler, nfe: int) -> int:
@@ -165,11 +180,11 @@ def run_benchmark(
             bar.set_postfix_str("high-NFE FD floor")
             label, cls, overrides = parse_sampler(FLOOR_SAMPLER)
             x_floor, _, _ = run_sampler(
-                make_scheduler(cls, target.scheduler_config, overrides), target.model, x_T, 100
+                make_scheduler(cls, target.scheduler_config, overrides, target.side_info), target.model, x_T, 100
             )
             rows.append(dict(sampler=REFERENCE, nfe=100, nfe_used=100, seed=seed, mse=None, fd=target.fd(x_floor)))
         for label, cls, overrides in specs:
-            scheduler = make_scheduler(cls, target.scheduler_config, overrides)
+            scheduler = make_scheduler(cls, target.scheduler_config, overrides, target.side_info)
             for nfe in nfes:
                 bar.set_postfix_str(f"{label} NFE {nfe}")
                 steps = steps_for_nfe(scheduler, nfe)

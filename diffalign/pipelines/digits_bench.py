@@ -6,7 +6,7 @@ import torch
 
 from .bench_targets import LEARNED_MODEL_RTOL, reference_for, schedule_config
 from .benchmark import BenchTarget
-from .digits import build_scheduler, load_digits_unet
+from .digits import ASSETS_DIR, build_scheduler, load_digits_unet
 from .frechet import digits_fd_floor, fd_digits
 
 
@@ -27,4 +27,5 @@ def digits_target(reference_rtol: float = LEARNED_MODEL_RTOL) -> BenchTarget:
         reference=reference_for(model, config, reference_rtol),
         fd=lambda images: fd_digits(images.clamp(-1, 1)),
         fd_floors={"real vs real halves": digits_fd_floor()},
+        side_info=ASSETS_DIR / "digits" / "scheduler",
     )
