@@ -2,12 +2,17 @@
 
 from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
+from .dpm_solver_v3 import DPMSolverV3Scheduler
+from .ems import EmpiricalModelStatistics, compute_ems
 from .registry import SCHEDULERS, get_scheduler_class, swap_scheduler
 from .schedule import NoiseScheduleVP, time_grid
 
 __all__ = [
     "DPMSolverPPScheduler",
     "DPMSolverScheduler",
+    "DPMSolverV3Scheduler",
+    "EmpiricalModelStatistics",
+    "compute_ems",
     "NoiseScheduleVP",
     "SCHEDULERS",
     "get_scheduler_class",

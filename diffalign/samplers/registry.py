@@ -7,10 +7,12 @@ import diffusers
 from ._base import keep_model_keys
 from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
+from .dpm_solver_v3 import DPMSolverV3Scheduler
 
 SCHEDULERS: dict[str, type] = {
     "dpm_solver": DPMSolverScheduler,
     "dpm_solver_pp": DPMSolverPPScheduler,
+    "dpm_solver_v3": DPMSolverV3Scheduler,
 }
 """Our schedulers by registry name. Later solvers add themselves here."""
 
