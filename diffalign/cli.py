@@ -1,4 +1,4 @@
-"""``diffalign`` command line: ``bench`` and ``sample`` (more subcommands arrive with their issues)."""
+"""``diffalign`` command line: ``sample``, ``ems`` and ``bench`` (more subcommands arrive with their issues)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,26 @@ def _sample(args: argparse.Namespace) -> int:
     for name, err in sorted(results, key=lambda r: r[1]):
         print(f"  {name:<{width}}  {err:.4f}")
     print(f"wrote {args.out}")
+    return 0
+
+
+def _ems(args: argparse.Namespace) -> int:
+    from .pipelines.ems_job import run_ems
+
+    folder = run_ems(
+        args.model,
+        args.out,
+        num_grid=args.grid_size,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        data=args.data,
+        prompts=args.prompts,
+        guidance_scale=args.guidance_scale,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(f"wrote DPM-Solver-v3 EMS to {folder}; load with DPMSolverV3Scheduler.from_pretrained({str(folder)!r})")
     return 0
 
 
@@ -61,6 +81,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=8, help="samples per scheduler (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default: %(default)s)")
     p.set_defaults(func=_sample)
+
+    from .samplers.ems import DEFAULT_GRID, DEFAULT_SAMPLES
+
+    e = sub.add_parser(
+        "ems",
+        help="compute DPM-Solver-v3's empirical model statistics for a model",
+        description="Compute DPM-Solver-v3's empirical model statistics (l, s, b on a lambda grid) from a model and "
+        "data, and save them (safetensors + JSON) into the model's scheduler folder (or --out), where "
+        "DPMSolverV3Scheduler.from_pretrained and `diffalign bench` find them. 5 model calls per sample and grid "
+        "point.",
+    )
+    e.add_argument("--model", default="digits", help="'digits', 'gmm' or a diffusers pipeline folder (%(default)s)")
+    e.add_argument("--out", help="folder to write (default: the model's scheduler folder)")
+    e.add_argument("--grid-size", type=int, default=DEFAULT_GRID, help="lambda steps N (default: %(default)s)")
+    e.add_argument(
+        "--num-samples",
+        type=int,
+        default=DEFAULT_SAMPLES,
+        help="noised data samples per grid point (default: %(default)s)",
+    )
+    e.add_argument("--batch-size", type=int, default=256, help="model batch size (default: %(default)s)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the noise and probes (default: %(default)s)")
+    e.add_argument("--data", help="pipelines: folder of images from the model's domain")
+    e.add_argument("--prompts", nargs="+", help="text pipelines: prompts, cycled over the samples")
+    e.add_argument("--guidance-scale", type=float, default=7.5, help="text pipelines: CFG scale (%(default)s)")
+    e.add_argument("--device", default="cpu", help="device (default: %(default)s)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_ems)
 
     from .pipelines.benchmark import DEFAULT_NFE
 

@@ -111,7 +111,7 @@ class GaussianMixture(ModelMixin, ConfigMixin):
         alpha = torch.as_tensor(alpha, dtype=torch.float64, device=x.device).reshape(-1, 1, 1)  # (B or 1, 1, 1)
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, 1, 1)
         var = alpha**2 * self.eigvals + sigma**2  # (B or 1, K, D) eigenvalues of alpha^2 S_k + sigma^2 I
-        diff = x[:, None, :] - alpha[:, :, 0] * self.means  # (B, K, D)
+        diff = x[:, None, :] - alpha * self.means  # (B, K, D)
         z = torch.einsum("bkd,kde->bke", diff, self.eigvecs)  # (B, K, D) coordinates in each eigenbasis
         log_prob = -0.5 * ((z**2 / var).sum(-1) + torch.log(var).sum(-1))  # (B, K), constants dropped
         gamma = torch.softmax(log_prob + self.log_weights, dim=-1)  # (B, K)

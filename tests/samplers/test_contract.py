@@ -27,6 +27,11 @@ VARIANTS = {
         {"solver_mode": "singlestep", "timestep_spacing": "logSNR"},
         {"thresholding": True, "timestep_spacing": "trailing"},
     ],
+    "dpm_solver_v3": [
+        {},
+        {"solver_order": 2, "corrector_pseudo": True, "timestep_spacing": "linspace"},
+        {"use_corrector": False, "predictor_pseudo": True, "thresholding": True, "timestep_spacing": "trailing"},
+    ],
 }
 CASES = [(name, variant) for name in sorted(SCHEDULERS) for variant in VARIANTS.get(name, [{}])]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in variant.items()) or 'default'}" for name, variant in CASES]
