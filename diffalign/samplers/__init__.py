@@ -1,16 +1,20 @@
 """Drop-in diffusers schedulers and the VP-schedule maths they share."""
 
+from .adjoint import adjoint_sample
+from .adjoint_scheduler import AdjointDPMScheduler
 from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
 from .registry import SCHEDULERS, get_scheduler_class, swap_scheduler
 from .schedule import NoiseScheduleVP, time_grid
 
 __all__ = [
+    "AdjointDPMScheduler",
     "DPMSolverPPScheduler",
     "DPMSolverScheduler",
     "NoiseScheduleVP",
     "SCHEDULERS",
     "get_scheduler_class",
     "swap_scheduler",
+    "adjoint_sample",
     "time_grid",
 ]
