@@ -10,16 +10,8 @@ from .dpm_solver_pp import DPMSolverPPScheduler
 
 
 class AdjointDPMScheduler(DPMSolverPPScheduler):
-    """Multistep DPM-Solver++ (2M by default) whose solves ``adjoint_sample`` can differentiate.
+    """DPM-Solver++ (2M by default), the solver ``adjoint_sample`` builds from a foreign scheduler config.
 
-    Same config as ``DPMSolverPPScheduler``; ``solver_mode`` must stay ``'multistep'`` (the adjoint reverses
-    multistep updates only).
+    Same config as ``DPMSolverPPScheduler``. ``adjoint_sample`` reverses multistep updates only, so it rejects
+    ``solver_mode='singlestep'``; as a pipeline scheduler that mode still samples like DPM-Solver++(2S)/(3S).
     """
-
-    def _init_vp(self) -> None:
-        if self.config.solver_mode != "multistep":
-            raise ValueError(
-                f"AdjointDPMScheduler needs solver_mode='multistep', got {self.config.solver_mode!r}; use "
-                "DPMSolverPPScheduler for singlestep sampling."
-            )
-        super()._init_vp()

@@ -207,7 +207,7 @@ def test_bad_input_gets_a_clear_error(mixture):
     with pytest.raises(ValueError, match="multistep"):
         adjoint_sample(mixture, x_T, DPMSolverPPScheduler(solver_mode="singlestep"), 4)
     with pytest.raises(ValueError, match="multistep"):
-        AdjointDPMScheduler(solver_mode="singlestep")
+        adjoint_sample(mixture, x_T, AdjointDPMScheduler(solver_mode="singlestep"), 4)
     with pytest.raises(TypeError, match="scheduler must be"):
         adjoint_sample(mixture, x_T, "dpm", 4)
     with pytest.raises(TypeError, match="cond must be"):
