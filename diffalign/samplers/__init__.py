@@ -1,5 +1,7 @@
 """Drop-in diffusers schedulers and the VP-schedule maths they share."""
 
+from .adjoint import adjoint_sample
+from .adjoint_scheduler import AdjointDPMScheduler
 from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
 from .dpm_solver_v3 import DPMSolverV3Scheduler
@@ -8,6 +10,7 @@ from .registry import SCHEDULERS, get_scheduler_class, swap_scheduler
 from .schedule import NoiseScheduleVP, time_grid
 
 __all__ = [
+    "AdjointDPMScheduler",
     "DPMSolverPPScheduler",
     "DPMSolverScheduler",
     "DPMSolverV3Scheduler",
@@ -17,5 +20,6 @@ __all__ = [
     "SCHEDULERS",
     "get_scheduler_class",
     "swap_scheduler",
+    "adjoint_sample",
     "time_grid",
 ]

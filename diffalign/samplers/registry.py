@@ -5,6 +5,7 @@ from __future__ import annotations
 import diffusers
 
 from ._base import keep_model_keys
+from .adjoint_scheduler import AdjointDPMScheduler
 from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
 from .dpm_solver_v3 import DPMSolverV3Scheduler
@@ -13,6 +14,7 @@ SCHEDULERS: dict[str, type] = {
     "dpm_solver": DPMSolverScheduler,
     "dpm_solver_pp": DPMSolverPPScheduler,
     "dpm_solver_v3": DPMSolverV3Scheduler,
+    "adjoint_dpm": AdjointDPMScheduler,
 }
 """Our schedulers by registry name. Later solvers add themselves here."""
 

@@ -20,6 +20,7 @@ from diffalign.pipelines.gmm import GaussianMixture
 from diffalign.samplers import SCHEDULERS
 
 VARIANTS = {
+    "adjoint_dpm": [{}, {"solver_order": 3, "timestep_spacing": "logSNR"}],
     "dpm_solver": [{}, {"solver_order": 3}, {"solver_mode": "singlestep", "solver_order": 3}],
     "dpm_solver_pp": [
         {},
