@@ -348,9 +348,10 @@ def train(config: TrainConfig) -> TrainResult:
 
     step = _Step(config, method, backbone, unet, reference, accelerator, weight_dtype)
     result = TrainResult(output_dir, global_step=global_step)
-    micro_steps = global_step * config.gradient_accumulation_steps
-    first_epoch, skip_batches = divmod(micro_steps, len(loader))
-    num_epochs = math.ceil(config.max_train_steps * config.gradient_accumulation_steps / len(loader))
+    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)  # accelerate syncs at epoch end
+    first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
+    skip_batches = steps_into_epoch * config.gradient_accumulation_steps
+    num_epochs = math.ceil(config.max_train_steps / steps_per_epoch)
     bar = tqdm(
         total=config.max_train_steps,
         initial=global_step,
