@@ -12,6 +12,10 @@ def main(argv: list[str] | None = None) -> int:
 
     config = parse_config(sys.argv[1:] if argv is None else argv, prog="python -m diffalign.train")
     result = train(config)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
     if result.history:
         last = result.history[-1]
         print(f"step {result.global_step}: loss {last['loss']:.4f}, implicit accuracy {last['implicit_accuracy']:.3f}")

@@ -257,7 +257,8 @@ def train(config: TrainConfig) -> TrainResult:
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        cpu=config.cpu,
+        # torchrun on a machine without CUDA: two CPU processes with gloo need cpu=True to join one process group
+        cpu=config.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1),
     )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -402,11 +403,7 @@ def train(config: TrainConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _save_final(config, backbone, accelerator.unwrap_model(unet), output_dir)
-        summary = dict(
-            config=dataclasses.asdict(config),
-            final=result.history[-1] if result.history else {},
-            skipped_pairs=result.skipped_pairs,
-        )
+        summary = dict(config=dataclasses.asdict(config), history=result.history, skipped_pairs=result.skipped_pairs)
         (output_dir / "diffalign_train.json").write_text(json.dumps(summary, indent=2))
         if result.skipped_pairs:
             print(f"skipped {result.skipped_pairs} pair reads with missing or corrupt images")
