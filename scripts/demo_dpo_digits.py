@@ -21,7 +21,7 @@ from diffalign.pipelines.digits import load_digits_pipeline
 DEMO_CONFIG = dict(
     max_train_steps=300,
     train_batch_size=32,
-    learning_rate=3e-3,
+    learning_rate=1e-4,
     beta=500.0,
     lora_rank=8,
     lora_target_modules="to_v,to_out.0,conv1,conv2",
