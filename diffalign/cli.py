@@ -63,6 +63,18 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .alignment.config import config_from_args
+    from .alignment.trainer import train
+
+    result = train(config_from_args(args))
+    if result.history:
+        last = result.history[-1]
+        print(f"step {result.global_step}: loss {last['loss']:.4f}, implicit accuracy {last['implicit_accuracy']:.3f}")
+    print(f"wrote {result.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign",
@@ -149,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fid-stats", help="real-data Inception statistics: .npz with 'mu' (2048,), 'sigma' (2048, 2048)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_bench)
+
+    from .alignment.config import add_config_arguments
+
+    t = sub.add_parser(
+        "train",
+        help="preference training (Diffusion-DPO) of SD 1.5 / SDXL / digits-cond, LoRA or full",
+        description="Preference-train a diffusers pipeline's UNet on pairs (Pick-a-Pic format or a JSONL folder). "
+        "Multi-GPU: accelerate launch -m diffalign.train with the same options.",
+    )
+    add_config_arguments(t)
+    t.set_defaults(func=_train)
     return parser
 
 

@@ -1,0 +1,116 @@
+"""The model side of preference training: one ``Backbone`` over SD 1.x/2.x, SDXL and the embedded ``digits-cond``.
+
+A backbone loads a pipeline and exposes what the trainer needs and nothing else: the UNet to train, the DDPM
+training schedule, how to turn images into the UNet's input space (VAE latents, or the images themselves for
+pixel-space models with no VAE), how to turn prompts into conditioning tensors, and how to call the UNet with them.
+Text conditioning is a dict of per-sample tensors (batch first) so that it can be cached on disk and batched:
+SD has ``encoder_hidden_states``; SDXL adds the second encoder's pooled ``text_embeds`` and, per image, the
+``time_ids`` (original size, crop top-left, target size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+from ..pipelines.digits import load_digits_pipeline
+from .config import EMBEDDED_MODEL
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Backbone:
+    """A loaded pipeline seen as (UNet, training schedule, image encoder, prompt encoder)."""
+
+    kind: str  # "digits" (pixel space, no VAE), "sd" or "sdxl"
+    pipeline: object
+    noise_scheduler: DDPMScheduler
+    image_channels: int
+    resolution: int
+
+    @property
+    def unet(self):
+        return self.pipeline.unet
+
+    @property
+    def vae(self):
+        return getattr(self.pipeline, "vae", None)
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """The encoders that never train (VAE, text encoders) by component name."""
+        names = ("vae", "text_encoder", "text_encoder_2")
+        return {n: getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n, None) is not None}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images in [-1, 1] -> (B, c, h, w) UNet inputs: scaled VAE latents (mode), or the images."""
+        if self.vae is None:
+            return pixels
+        vae = self.vae
+        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents.float() - shift) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Prompts -> per-sample conditioning tensors, batch first (see the module docstring)."""
+        if self.kind == "digits":
+            encoder = self.pipeline.text_encoder
+            return {"encoder_hidden_states": encoder(encoder.tokenize(prompts).to(device))}  # (B, 1, D)
+        if self.kind == "sdxl":
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(
+                prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return {"encoder_hidden_states": embeds, "text_embeds": pooled}  # (B, 77, D1 + D2), (B, D2)
+        embeds, _ = self.pipeline.encode_prompt(prompts, device, 1, False)
+        return {"encoder_hidden_states": embeds}  # (B, 77, D)
+
+    def unet_kwargs(self, cond: dict[str, torch.Tensor], time_ids: torch.Tensor, dtype: torch.dtype) -> dict:
+        """Keyword arguments of ``unet(sample, t, **kwargs)`` for ``cond`` and the SDXL ``time_ids`` (B, 6)."""
+        kwargs = {"encoder_hidden_states": cond["encoder_hidden_states"].to(dtype)}
+        if self.kind == "sdxl":
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": cond["text_embeds"].to(dtype),
+                "time_ids": time_ids.to(dtype),
+            }
+        return kwargs
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The UNet's regression target for its ``prediction_type``: eps, v, or x_0."""
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        if prediction_type == "sample":
+            return latents
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample.")
+
+
+def load_backbone(name_or_path: str, revision: str | None = None, variant: str | None = None) -> Backbone:
+    """Load ``digits-cond`` (embedded) or a diffusers SD / SDXL pipeline (hub id or local folder) in float32."""
+    if name_or_path == EMBEDDED_MODEL:
+        pipeline = load_digits_pipeline(conditional=True)
+        size = pipeline.unet.config.sample_size
+        return Backbone("digits", pipeline, pipeline.scheduler, pipeline.unet.config.in_channels, size)
+
+    from diffusers import DiffusionPipeline
+
+    if Path(name_or_path).exists() and not (Path(name_or_path) / "model_index.json").is_file():
+        raise ValueError(f"{name_or_path} has no model_index.json; pass a pipeline folder saved with save_pretrained.")
+    pipeline = DiffusionPipeline.from_pretrained(name_or_path, revision=revision, variant=variant)
+    if getattr(pipeline, "unet", None) is None or getattr(pipeline, "vae", None) is None:
+        raise ValueError(
+            f"{name_or_path} loaded as {type(pipeline).__name__}, which has no UNet + VAE; diffalign train supports "
+            "Stable Diffusion 1.x/2.x and SDXL pipelines, and the embedded 'digits-cond'."
+        )
+    kind = "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd"
+    pipeline.set_progress_bar_config(disable=True)
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    size = pipeline.unet.config.sample_size
+    resolution = (size if isinstance(size, int) else size[0]) * pipeline.vae_scale_factor
+    return Backbone(kind, pipeline, noise_scheduler, pipeline.vae.config.in_channels, resolution)
