@@ -49,8 +49,12 @@ FLOOR_SAMPLER = (
 
 
 def default_samplers() -> list[str]:
-    """Every registered scheduler at its defaults, a few of our variants, then the diffusers baselines."""
-    return sorted(SCHEDULERS) + list(EXTRA_VARIANTS) + list(DIFFUSERS_BASELINES)
+    """Every registered scheduler at its defaults, a few of our variants, then the diffusers baselines.
+
+    ``adjoint_dpm`` is left out: its forward solve is ``dpm_solver_pp``'s.
+    """
+    ours = [name for name in sorted(SCHEDULERS) if name != "adjoint_dpm"]
+    return ours + list(EXTRA_VARIANTS) + list(DIFFUSERS_BASELINES)
 
 
 @dataclass
