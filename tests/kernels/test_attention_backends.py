@@ -367,3 +367,29 @@ def test_gpu_kernels_are_available():
     assert {"sdpa:flash", "sdpa:efficient", "sdpa:math", "fused:flash"} <= names, names
     if torch.backends.cudnn.is_available() and torch.cuda.get_device_capability() >= (9, 0):
         assert "sdpa:cudnn" in names, names
+
+
+def test_bench_targets_and_cli_apply_the_backend(tmp_path_factory, monkeypatch, capsys):
+    import diffalign.kernels
+    from diffalign.cli import main
+    from diffalign.pipelines.bench_targets import load_target
+
+    calls = []
+
+    def spy(model, name):
+        calls.append((type(model).__name__, name))
+        return set_attention_backend(model, name)
+
+    monkeypatch.setattr(diffalign.kernels, "set_attention_backend", spy)
+    default, fused = load_target("digits"), load_target("digits", attention="fused")
+    folder = make_sd_pipeline(tmp_path_factory.mktemp("bench")).name_or_path
+    sd = load_target(folder, prompts=["a cat"], attention="sdpa:math")
+    assert calls == [("UNet2DModel", "fused"), ("StableDiffusionPipeline", "sdpa:math")]
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert (fused.model(x, 500) - default.model(x, 500)).abs().max() <= TOL
+    assert sd.model(torch.randn(2, *sd.sample_shape), 500).isfinite().all()
+    with pytest.raises(SystemExit):
+        main(["bench", "--attention", "flash"])
+    assert "unknown attention backend 'flash'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="'gmm' has no attention"):
+        main(["bench", "--model", "gmm", "--attention", "sdpa"])
