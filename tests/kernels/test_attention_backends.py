@@ -6,6 +6,7 @@ which must give the same numbers. GPU tests (``-m gpu``) check fp16 / bf16 agree
 really runs.
 """
 
+import copy
 import importlib.util
 import os
 import sys
@@ -90,7 +91,7 @@ def forward_backward(unet, inputs: dict) -> dict[str, torch.Tensor]:
     unet.zero_grad(set_to_none=True)
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items() if k in ("sample", "encoder_hidden_states")}
     out = unet(**(inputs | leaves)).sample
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     (out * weights).sum().backward()
     results = {"output": out.detach()}
     results |= {f"d/d {k}": v.grad for k, v in leaves.items()}
@@ -323,49 +324,91 @@ def test_available_backends_on_cpu():
 # --- GPU: fp16 / bf16 agreement with the default processor, and each kernel really running ---------------------------
 
 GPU_TOL = {torch.float16: 2e-2, torch.bfloat16: 1e-1}
-"""Max |difference| of the tiny SD UNet's output (values of order 1) against the default processor in the same dtype;
-the default processor itself differs from float32 by about this much."""
+"""Max |difference| of outputs (entries of order 1) from the default processor's in the same dtype: a few units in
+the last place of fp16 (10 mantissa bits) / bf16 (7 bits) compounded through the tiny UNets."""
+HALF = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+
+
+def to_cuda(inputs: dict, dtype: torch.dtype) -> dict:
+    moved = {}
+    for key, value in inputs.items():
+        if isinstance(value, dict):
+            moved[key] = to_cuda(value, dtype)
+        else:
+            moved[key] = value.to("cuda", dtype) if torch.is_tensor(value) else value
+    return moved
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@HALF
 @pytest.mark.parametrize("model", ["sd", "sdxl"])
 def test_gpu_backends_agree_in_half_precision(pipelines, model, dtype):
-    unet = pipelines[model].unet.to("cuda", dtype)
-    inputs = {
-        k: (v.to("cuda", dtype) if torch.is_tensor(v) else v)
-        for k, v in model_inputs(unet, masked=False).items()
-        if k != "added_cond_kwargs"
-    }
-    if model == "sdxl":
-        added = model_inputs(unet)["added_cond_kwargs"]
-        inputs["added_cond_kwargs"] = {k: v.to("cuda", dtype) for k, v in added.items()}
-    try:
-        reference = forward_backward(unet, inputs)
-        for backend in available_backends("cuda", dtype):
-            attention_module._warned.clear()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                set_attention_backend(unet, backend)
-                results = forward_backward(unet, inputs)
-            fallbacks = [str(w.message) for w in caught if "has no kernel" in str(w.message)]
-            assert not fallbacks, f"{backend} did not run natively: {fallbacks}"
-            out_error = (results["output"] - reference["output"]).abs().max().item()
-            assert out_error <= GPU_TOL[dtype], f"{backend} {dtype}: output differs by {out_error:.3e}"
-            grad, grad_reference = results["d/d sample"].float().flatten(), reference["d/d sample"].float().flatten()
-            cosine = torch.nn.functional.cosine_similarity(grad, grad_reference, dim=0)
-            assert cosine > 0.99, f"{backend} {dtype}: input gradient cosine {cosine:.4f}"
-            set_attention_backend(unet, "default")
-    finally:
+    """Every backend (fallbacks included) against the default processor on CUDA: output, input gradient."""
+    unet = copy.deepcopy(pipelines[model].unet).to("cuda", dtype)
+    inputs = to_cuda(model_inputs(unet, masked=False), dtype)
+    reference = forward_backward(unet, inputs)
+    for backend in BACKENDS:
+        set_attention_backend(unet, backend)
+        results = forward_backward(unet, inputs)
         set_attention_backend(unet, "default")
-        unet.to("cpu", torch.float32)
+        error = (results["output"] - reference["output"]).abs().max().item()
+        assert error <= GPU_TOL[dtype], f"{backend} {dtype}: output differs by {error:.3e}"
+        grad, grad_reference = results["d/d sample"].float().flatten(), reference["d/d sample"].float().flatten()
+        cosine = torch.nn.functional.cosine_similarity(grad, grad_reference, dim=0).item()
+        assert cosine > 0.99, f"{backend} {dtype}: input gradient cosine {cosine:.4f}"
+
+
+def layer_forward_backward(attn: Attention, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention layer's output and the gradient of its mean square w.r.t. ``hidden_states``, in float32."""
+    attn.zero_grad(set_to_none=True)
+    hidden_states = kwargs["hidden_states"].clone().requires_grad_(True)
+    out = attn(**(kwargs | {"hidden_states": hidden_states}))
+    out.float().square().mean().backward()
+    return out.detach().float(), hidden_states.grad.float()
+
+
+@pytest.mark.gpu
+@HALF
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask", "key mask"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_gpu_kernels_run_natively_and_agree(dtype, masked, cross):
+    """flash, efficient and cuDNN attention run without falling back (only the named kernel is enabled, so a run
+    without a fallback warning is a run of that kernel) on SD-like layers: head size 64, 1024 queries, self or cross
+    attention (77 keys), forward and backward. With a key mask, only efficient attention is required to run."""
+    torch.manual_seed(0)
+    attn = Attention(128, cross_attention_dim=96 if cross else None, heads=2, dim_head=64).to("cuda", dtype)
+    generator = torch.Generator("cuda").manual_seed(0)
+    kwargs = {"hidden_states": torch.randn(2, 1024, 128, device="cuda", dtype=dtype, generator=generator)}
+    if cross:
+        kwargs["encoder_hidden_states"] = torch.randn(2, 77, 96, device="cuda", dtype=dtype, generator=generator)
+    if masked:
+        keys = 77 if cross else 1024
+        kwargs["attention_mask"] = torch.zeros(2, 1, keys, device="cuda", dtype=dtype)
+        kwargs["attention_mask"][..., keys // 2 :] = -10000.0
+    kernels = ["sdpa:efficient", "fused:efficient"] if masked else ["sdpa:flash", "sdpa:efficient", "fused:flash"]
+    if torch.cuda.get_device_capability() >= (9, 0) and not masked:
+        kernels.append("sdpa:cudnn")
+    reference = layer_forward_backward(attn, kwargs)
+    for backend in kernels:
+        attention_module._warned.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            set_attention_backend(attn, backend)
+            results = layer_forward_backward(attn, kwargs)
+        set_attention_backend(attn, "default")
+        fallbacks = [str(w.message) for w in caught if "has no kernel" in str(w.message)]
+        assert not fallbacks, f"{backend} fell back: {fallbacks}"
+        for result, expected in zip(results, reference, strict=True):
+            scale = expected.abs().max().item()
+            error = (result - expected).abs().max().item()
+            assert error <= GPU_TOL[dtype] * scale, f"{backend}: max |difference| {error:.2e} of max {scale:.2e}"
 
 
 @pytest.mark.gpu
 def test_gpu_kernels_are_available():
     names = set(available_backends("cuda", torch.float16))
-    assert {"sdpa:flash", "sdpa:efficient", "sdpa:math", "fused:flash"} <= names, names
-    if torch.backends.cudnn.is_available() and torch.cuda.get_device_capability() >= (9, 0):
+    assert {"sdpa", "sdpa:flash", "sdpa:efficient", "sdpa:math", "fused:flash"} <= names, names
+    if torch.cuda.get_device_capability() >= (9, 0):
         assert "sdpa:cudnn" in names, names
 
 
