@@ -13,8 +13,10 @@ self-attention keys), and reuse the ``Attention`` module's own helpers (``prepar
   over their concatenated weights (W_q; W_k; W_v), and the output is split. The weights are concatenated at call
   time from the layer's own ``to_q`` / ``to_k`` / ``to_v``, so gradients reach those parameters and the state dict is
   unchanged (diffusers' ``fuse_qkv_projections`` adds a separate ``to_qkv`` layer instead, which training would update
-  in place of ``to_q``...). Under ``torch.no_grad`` the concatenation is cached until a weight changes. Projections
-  that are not plain ``nn.Linear`` (e.g. peft LoRA layers) run unfused, so adapters keep working.
+  in place of ``to_q``...). Under ``torch.no_grad`` the concatenation is cached until a weight is replaced or changed
+  in place (optimizer steps, ``load_state_dict``); edits through ``weight.data`` bypass autograd's version counter, so
+  after those call ``set_attention_backend`` again. Projections that are not plain ``nn.Linear`` (e.g. peft LoRA
+  layers) run unfused, so adapters keep working and train.
 """
 
 from __future__ import annotations

@@ -436,3 +436,24 @@ def test_bench_targets_and_cli_apply_the_backend(tmp_path_factory, monkeypatch, 
     assert "unknown attention backend 'flash'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="'gmm' has no attention"):
         main(["bench", "--model", "gmm", "--attention", "sdpa"])
+
+
+def test_lora_adapters_train_through_every_backend(tmp_path_factory):
+    """With peft LoRA on to_q / to_k / to_v / to_out (as the trainer sets it up), fused projections step aside for
+    the adapted layers, and every backend gives the default's output and LoRA gradients."""
+    from peft import LoraConfig
+
+    unet = make_sd_pipeline(tmp_path_factory.mktemp("lora")).unet
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
+    inputs = model_inputs(unet)
+    reference = forward_backward(unet, inputs)
+    lora_grads = [k for k in reference if "lora_" in k]
+    assert len(lora_grads) == len(reference) - 3  # output, d/d sample, d/d text: every other gradient is LoRA's
+    for backend in ("fused", "sdpa:math", "sdpa:flash"):
+        set_attention_backend(unet, backend)
+        differences = max_differences(forward_backward(unet, inputs), reference)
+        assert max(differences.values()) <= TOL, (backend, differences)
+    set_attention_backend(unet, "default")
