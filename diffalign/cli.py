@@ -51,7 +51,9 @@ def _bench(args: argparse.Namespace) -> int:
             kwargs.update(inception_weights=args.inception_weights, fid_stats=args.fid_stats)
     elif args.fid == "inception":
         raise SystemExit("--fid inception applies to diffusers pipelines; the embedded models use FD-digits / none.")
-    target = load_target(args.model, **kwargs)
+    if args.attention is not None and args.model == "gmm":
+        raise SystemExit("--attention applies to UNet models (digits, diffusers pipelines); 'gmm' has no attention.")
+    target = load_target(args.model, attention=args.attention, **kwargs)
     rows = run_benchmark(
         target, args.samplers, args.nfe, args.num_samples, args.seeds, not args.quiet, args.reference_samples
     )
@@ -73,6 +75,16 @@ def _train(args: argparse.Namespace) -> int:
         print(f"step {result.global_step}: loss {last['loss']:.4f}, implicit accuracy {last['implicit_accuracy']:.3f}")
     print(f"wrote {result.output_dir}")
     return 0
+
+
+def _attention_backend(name: str) -> str:
+    from .kernels.backends import parse_backend
+
+    try:
+        parse_backend(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--inception-weights", help="torch-fidelity pt_inception-2015-12-05 weights file (offline)")
     b.add_argument("--fid-stats", help="real-data Inception statistics: .npz with 'mu' (2048,), 'sigma' (2048, 2048)")
+    b.add_argument(
+        "--attention",
+        type=_attention_backend,
+        help="attention backend for UNet models: default, sdpa, sdpa:flash|efficient|cudnn|math, xformers, fused, "
+        "fused:<kernel> (see diffalign.kernels; default: leave the model's own)",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_bench)
 

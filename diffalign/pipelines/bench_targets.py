@@ -55,17 +55,22 @@ def pipeline_target(
     reference_rtol: float = LEARNED_MODEL_RTOL,
     inception_weights: str | None = None,
     fid_stats: str | None = None,
+    attention: str | None = None,
 ) -> BenchTarget:
     """A diffusers pipeline from a local folder or hub id: UNet2DModel pipelines, SD 1.x / 2.x, SDXL.
 
     With ``inception_weights`` and ``fid_stats`` the samples (decoded by the VAE for latent pipelines) are scored by
-    real FID (``inception.py``).
+    real FID (``inception.py``). ``attention`` names a ``diffalign.kernels`` backend to set on the pipeline.
     """
     from diffusers import DiffusionPipeline
 
     if Path(name_or_path).exists() and not (Path(name_or_path) / "model_index.json").exists():
         raise ValueError(f"{name_or_path} has no model_index.json; pass a folder saved with save_pretrained.")
     pipe = DiffusionPipeline.from_pretrained(name_or_path).to(device)
+    if attention is not None:
+        from ..kernels import set_attention_backend
+
+        set_attention_backend(pipe, attention)
     unet, config = pipe.unet, schedule_config(pipe.scheduler.config)
     size = unet.config.sample_size
     shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
@@ -132,12 +137,17 @@ class GuidedUNet:
         return (uncond + self.guidance_scale * (cond - uncond)).to(x.dtype)
 
 
-def load_target(name_or_path: str, **pipeline_kwargs) -> BenchTarget:
-    """An embedded model by name, else a diffusers pipeline folder or hub id (``pipeline_target``'s keywords)."""
+def load_target(name_or_path: str, attention: str | None = None, **pipeline_kwargs) -> BenchTarget:
+    """An embedded model by name, else a diffusers pipeline folder or hub id (``pipeline_target``'s keywords).
+
+    ``attention``: a ``diffalign.kernels`` backend name set on the model's attention layers (not for ``gmm``).
+    """
     if name_or_path == "gmm":
+        if attention is not None:
+            raise ValueError(f"--attention {attention} needs a UNet; the analytic 'gmm' model has no attention.")
         return gmm_target()
     if name_or_path == "digits":
         from .digits_bench import digits_target
 
-        return digits_target()
-    return pipeline_target(name_or_path, **pipeline_kwargs)
+        return digits_target(attention=attention)
+    return pipeline_target(name_or_path, attention=attention, **pipeline_kwargs)

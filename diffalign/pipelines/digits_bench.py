@@ -10,9 +10,16 @@ from .digits import ASSETS_DIR, build_scheduler, load_digits_unet
 from .frechet import digits_fd_floor, fd_digits
 
 
-def digits_target(reference_rtol: float = LEARNED_MODEL_RTOL) -> BenchTarget:
-    """``digits``: (1, 8, 8) images in [-1, 1]; FD-digits of samples clamped to that range, as a pipeline outputs."""
+def digits_target(reference_rtol: float = LEARNED_MODEL_RTOL, attention: str | None = None) -> BenchTarget:
+    """``digits``: (1, 8, 8) images in [-1, 1]; FD-digits of samples clamped to that range, as a pipeline outputs.
+
+    ``attention``: a ``diffalign.kernels`` backend name set on the UNet's attention layers.
+    """
     unet = load_digits_unet()
+    if attention is not None:
+        from ..kernels import set_attention_backend
+
+        set_attention_backend(unet, attention)
     config = schedule_config(build_scheduler().config)
 
     @torch.no_grad()
