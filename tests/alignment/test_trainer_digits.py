@@ -136,3 +136,15 @@ def test_dpo_raises_the_reward_and_flipped_labels_lower_it(tmp_path, pairs_dir):
     assert scores[False]["accuracy"] >= base["accuracy"]
     assert scores[True]["mean_log_prob"] < base["mean_log_prob"] - 0.5
     assert scores[True]["accuracy"] < base["accuracy"] - 0.1
+
+
+def test_attention_backend_switch_trains_the_same(tmp_path, pairs_dir):
+    """`--attention fused` (QKV fused, SDPA) gives the default processors' losses: same model, other kernels."""
+    runs = {
+        name: train(config(tmp_path, pairs_dir, f"attn-{name}", attention=name, max_train_steps=3)).history
+        for name in ("default", "fused")
+    }
+    for a, b in zip(runs["default"], runs["fused"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    with pytest.raises(ValueError, match="attention"):
+        train(config(tmp_path, pairs_dir, "attn-bad", attention="no-such-kernel", max_train_steps=1))
