@@ -155,3 +155,22 @@ def test_bad_ems_get_clear_errors(tmp_path, ems):
     with pytest.raises(ValueError, match="NaN or inf"):
         DPMSolverV3Scheduler(**CONFIG).load_side_info(tmp_path / "nan")
     assert read_side_info(tmp_path / "other", EMS_FILE)[1]["num_grid"] == ems.num_grid
+
+
+@pytest.mark.gpu
+def test_v3_with_ems_on_cuda_matches_cpu_and_keeps_half_precision(model, ems):
+    x = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cpu = DPMSolverV3Scheduler(**CONFIG)
+    cpu.ems = ems
+    expected = run(cpu, model, x.float(), 8)
+    gpu = DPMSolverV3Scheduler(**CONFIG)
+    gpu.ems = ems
+    gpu.set_timesteps(8, device="cuda")
+    y = x.float().cuda()
+    for t in gpu.timesteps:
+        y = gpu.step(model(y.double().cpu(), t.cpu()).sample.float().cuda(), t, y).prev_sample
+    assert (y.cpu() - expected).abs().max().item() < 1e-5
+    gpu.set_timesteps(8, device="cuda")
+    half = x.half().cuda()
+    out = gpu.step(torch.randn_like(half), gpu.timesteps[0], half).prev_sample
+    assert out.dtype == torch.float16 and out.device.type == "cuda"
