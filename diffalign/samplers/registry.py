@@ -5,12 +5,14 @@ from __future__ import annotations
 import diffusers
 
 from ._base import keep_model_keys
+from .dc_solver import DCSolverScheduler
 from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
 
 SCHEDULERS: dict[str, type] = {
     "dpm_solver": DPMSolverScheduler,
     "dpm_solver_pp": DPMSolverPPScheduler,
+    "dc_solver": DCSolverScheduler,
 }
 """Our schedulers by registry name. Later solvers add themselves here."""
 
