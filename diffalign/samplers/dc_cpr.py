@@ -3,7 +3,9 @@
 DC-Solver (Zhao et al. 2024, ECCV, Sec. 3.4) predicts the ratio of step ``s`` (1-indexed) of an ``N``-step run at
 guidance scale ``w`` by a cascade of polynomials, the normalisations being the official code's:
 
-    rho(s) = sum_{k=0..3} c_k (s / N)^k,   c_k = sum_{j=0..2} a_kj (w / 12)^(2-j),   a_kj = sum_{l=0..2} W_kjl (N / 50)^(2-l)
+    rho(s) = sum_{k=0..3} c_k (s / N)^k
+    c_k    = sum_{j=0..2} a_kj (w / 12)^(2-j)
+    a_kj   = sum_{l=0..2} W_kjl (N / 50)^(2-l)
 
 with ``rho = 1`` for the first ``dc_order`` steps (not compensated). ``W`` (4, 3, 3) enters linearly, so fitting it
 to calibrated ratios is a linear least-squares problem; with a single guidance scale the ``w`` terms are not
@@ -30,9 +32,7 @@ def _features(nfe: float, guidance_scale: float, step: float) -> np.ndarray:
 def cpr_ratios(coeffs: np.ndarray, nfe: int, guidance_scale: float, dc_order: int) -> list[float]:
     """The ``nfe`` ratios CPR predicts for this setting (DC-Solver Eq. 12); the first ``dc_order`` are 1."""
     W = np.asarray(coeffs, dtype=np.float64).reshape(CPR_SHAPE)
-    return [
-        1.0 if s <= dc_order else float((W * _features(nfe, guidance_scale, s)).sum()) for s in range(1, nfe + 1)
-    ]
+    return [1.0 if s <= dc_order else float((W * _features(nfe, guidance_scale, s)).sum()) for s in range(1, nfe + 1)]
 
 
 def fit_cpr(settings: Sequence[tuple[int, float, Sequence[float]]], dc_order: int) -> np.ndarray:
@@ -48,9 +48,10 @@ def fit_cpr(settings: Sequence[tuple[int, float, Sequence[float]]], dc_order: in
         for s in range(dc_order + 1, nfe + 1):
             rows.append(_features(nfe, guidance_scale, s).ravel())
             targets.append(ratios[s - 1])
-    if len({nfe for nfe, _, _ in settings}) < 3:
+    nfes = sorted({nfe for nfe, _, _ in settings})
+    if len(nfes) < 3:
         raise ValueError(
-            f"CPR needs calibrated ratios for at least 3 different NFE values, got {sorted({s[0] for s in settings})}; "
+            f"CPR needs calibrated ratios for at least 3 different NFE values, got {nfes}; "
             "calibrate more NFE values (e.g. --nfe 5 6 8 10)."
         )
     W, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(targets), rcond=None)

@@ -192,13 +192,13 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         """UniC: ``x^c_i`` from ``x^c_{i-1}``, the buffered terms and the fresh model term ``m`` at ``x~_i``."""
         ms = history[::-1]
         lambdas = self._lambdas_back(i - 1, len(ms))
-        cfg = self.config
+        cfg, coeffs = self.config, self._coeffs(i - 1, i)
         return uni_c_update(
-            self._last_sample, m, ms, lambdas, self._coeffs(i - 1, i), self._last_order, cfg.solver_type, cfg.predict_x0
+            self._last_sample, m, ms, lambdas, coeffs, self._last_order, cfg.solver_type, cfg.predict_x0
         )
 
     def _compensated(self, history: list[torch.Tensor], i: int, ratio) -> torch.Tensor:
-        """DC-Solver Eq. 9: the interpolant through the last ``dc_order + 1`` terms at ``t_{i-1} + rho (t_i - t_{i-1})``."""
+        """DC-Solver Eq. 9: interpolate the last ``dc_order + 1`` terms at ``t_{i-1} + rho (t_i - t_{i-1})``."""
         k = self.config.dc_order + 1
         ts = self.timesteps.double().cpu().numpy()
         points = [float(ts[i - j]) for j in range(k)]
@@ -297,7 +297,9 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
             )
         table = {}
         if "ratios" in tensors:
-            for n, g, row in zip(tensors["nfe"].tolist(), tensors["guidance_scale"].tolist(), tensors["ratios"]):
+            for n, g, row in zip(
+                tensors["nfe"].tolist(), tensors["guidance_scale"].tolist(), tensors["ratios"], strict=True
+            ):
                 table[(int(n), float(g))] = row[: int(n)].tolist()
         cpr = tensors.get("cpr_coeffs")
         if cpr is not None and tuple(cpr.shape) != CPR_SHAPE:
