@@ -54,5 +54,7 @@ def fit_cpr(settings: Sequence[tuple[int, float, Sequence[float]]], dc_order: in
             f"CPR needs calibrated ratios for at least 3 different NFE values, got {nfes}; "
             "calibrate more NFE values (e.g. --nfe 5 6 8 10)."
         )
-    W, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(targets), rcond=None)
+    # Fit rho - 1: where the data leave W undetermined, the minimum-norm solution then leans towards UniPC.
+    W, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(targets) - 1.0, rcond=None)
+    W.reshape(CPR_SHAPE)[0, 2, 2] += 1.0  # the constant monomial carries the 1 back
     return W.reshape(CPR_SHAPE)

@@ -188,14 +188,11 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         order = min(order, i - self._first_index + 1)
         return 1 if self.sigma_grid[i + 1] == 0 else order
 
-    def _correct(self, m: torch.Tensor, sample: torch.Tensor, i: int, history: list[torch.Tensor]) -> torch.Tensor:
-        """UniC: ``x^c_i`` from ``x^c_{i-1}``, the buffered terms and the fresh model term ``m`` at ``x~_i``."""
+    def _correct(self, m, i: int, history: list, x_prev: torch.Tensor, order: int) -> torch.Tensor:
+        """UniC: ``x^c_i`` from ``x^c_{i-1}`` (``x_prev``), the buffer and the fresh model term ``m`` at ``x~_i``."""
         ms = history[::-1]
-        lambdas = self._lambdas_back(i - 1, len(ms))
-        cfg, coeffs = self.config, self._coeffs(i - 1, i)
-        return uni_c_update(
-            self._last_sample, m, ms, lambdas, coeffs, self._last_order, cfg.solver_type, cfg.predict_x0
-        )
+        cfg, coeffs, lambdas = self.config, self._coeffs(i - 1, i), self._lambdas_back(i - 1, len(ms))
+        return uni_c_update(x_prev, m, ms, lambdas, coeffs, order, cfg.solver_type, cfg.predict_x0)
 
     def _compensated(self, history: list[torch.Tensor], i: int, ratio) -> torch.Tensor:
         """DC-Solver Eq. 9: interpolate the last ``dc_order + 1`` terms at ``t_{i-1} + rho (t_i - t_{i-1})``."""
@@ -218,7 +215,7 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         """Corrector on arrival at ``i`` and the buffer with ``i``'s model term appended: ``(x^c_i, history)``."""
         m = self._model_term(model_output, sample, i)
         if self._uses_corrector(i):
-            sample = self._correct(m, sample, i, self._history)
+            sample = self._correct(m, i, self._history, self._last_sample, self._last_order)
         return sample, (self._history + [m])[-self._buffer_size :]
 
     def _solver_step(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
