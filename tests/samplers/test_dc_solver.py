@@ -235,3 +235,15 @@ def test_cpr_on_a_held_out_nfe_is_within_10_percent_of_direct_calibration(gmm, u
     held_out = _mse(s, gmm, *unseen, 7)
     unipc = _mse(UniPCMultistepScheduler.from_config(gmm.scheduler_config), gmm, *unseen, 7)
     assert held_out <= 1.1 * direct and held_out < unipc / 1.2
+
+
+def test_calibrate_command_writes_beside_an_existing_scheduler_config(gmm, tmp_path, capsys):
+    from diffalign.cli import main
+
+    config = (GMM_SCHEDULER_DIR / "scheduler_config.json").read_text()
+    (tmp_path / "scheduler_config.json").write_text(config)
+    assert main(["calibrate", "--model", "gmm", "--nfe", "4", "--num-iters", "5", "--out", str(tmp_path)]) == 0
+    assert "NFE  4  guidance 1:  1.000 1.000" in capsys.readouterr().out
+    assert (tmp_path / "scheduler_config.json").read_text() == config  # the pipeline's own config is left alone
+    s = make_scheduler(DCSolverScheduler, gmm.scheduler_config, {}, tmp_path)
+    assert s.ratios_for(4)[1] == "calibrated" and s.config.model_fingerprint.startswith("GaussianMixture:sha256:")
