@@ -1,5 +1,6 @@
 """Drop-in diffusers schedulers and the VP-schedule maths they share."""
 
+from .dc_calibrate import calibrate_dc
 from .dc_solver import DCSolverScheduler
 from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
@@ -14,5 +15,6 @@ __all__ = [
     "SCHEDULERS",
     "get_scheduler_class",
     "swap_scheduler",
+    "calibrate_dc",
     "time_grid",
 ]

@@ -117,36 +117,6 @@ def search_ratio(model, scheduler: DCSolverScheduler, i: int, x, out, target, nu
     return best[1]
 
 
-def refine_ratios(model, scheduler: DCSolverScheduler, x_T, target, ratios: list, num_iters: int, lr: float) -> list:
-    """Joint refinement of all compensated ratios against the final sample (our extension of Alg. 1).
-
-    The greedy search matches each step's ``x^c_{i+1}``; this runs whole trajectories with gradients through every
-    model call and moves all ratios at once to minimise the distance of ``x_0`` to ``target``. Adam from ``ratios``;
-    returns the ratios with the lowest loss seen.
-    """
-    n = len(ratios)
-    free = [i for i in range(n) if i >= scheduler.config.dc_order]
-    rho = torch.tensor([ratios[i] for i in free], dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.Adam([rho], lr=lr)
-    best = (math.inf, list(ratios))
-    with torch.enable_grad():
-        for _ in range(num_iters + 1):
-            VPScheduler.set_timesteps(scheduler, n)
-            current = list(ratios)
-            for k, i in enumerate(free):
-                current[i] = rho[k]
-            scheduler.dc_ratios = current
-            x = x_T
-            for t in scheduler.timesteps:
-                x = scheduler.step(_call(model, x, t).to(x.dtype), t, x).prev_sample
-            loss = (x - target).pow(2).mean()
-            best = min(best, (loss.item(), [float(r) for r in current]), key=lambda b: b[0])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return best[1]
-
-
 def calibrate_ratios(
     model: Callable,
     scheduler: DCSolverScheduler,

@@ -247,3 +247,22 @@ def test_calibrate_command_writes_beside_an_existing_scheduler_config(gmm, tmp_p
     assert (tmp_path / "scheduler_config.json").read_text() == config  # the pipeline's own config is left alone
     s = make_scheduler(DCSolverScheduler, gmm.scheduler_config, {}, tmp_path)
     assert s.ratios_for(4)[1] == "calibrated" and s.config.model_fingerprint.startswith("GaussianMixture:sha256:")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nfe,margin", [(5, 1.04), (6, 1.05)])  # measured error ratios 1.09 and 1.11
+def test_shipped_digits_ratios_beat_unipc_on_unseen_noises(nfe, margin, digits_unseen):
+    target, noise, reference = digits_unseen
+    dc = make_scheduler(DCSolverScheduler, target.scheduler_config, {}, target.side_info)
+    assert dc.ratios_for(nfe)[1] == "calibrated"
+    unipc = UniPCMultistepScheduler.from_config(target.scheduler_config)
+    assert _mse(unipc, target, noise, reference, nfe) / _mse(dc, target, noise, reference, nfe) > margin
+
+
+@pytest.fixture(scope="module")
+def digits_unseen():
+    from diffalign.pipelines.digits_bench import digits_target
+
+    target = digits_target()
+    noise = x_T(batch=64, seed=7)
+    return target, noise, target.reference(noise, float(DCSolverScheduler().noise_schedule.rho(999))).double()
