@@ -161,17 +161,19 @@ def calibrate_dc(
     fingerprint: str | torch.nn.Module | None = None,
     cpr: bool = True,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> DCSolverScheduler:
     """Calibrate DC-Solver ratios for each ``nfe`` at ``guidance_scale`` and add them to ``scheduler``'s table.
 
-    ``scheduler``: a ``DCSolverScheduler`` (its ratios table is extended), any scheduler config (the model's noise
-    schedule), or None (defaults). ``model(x, t)`` must already apply ``guidance_scale``. The starting noises are
-    ``n_datapoints`` draws of ``sample_shape`` from ``torch.Generator().manual_seed(seed)``, so the result is
-    deterministic. With ``cpr`` and >= 3 NFE values in the table, CPR coefficients are (re)fitted. Save with
-    ``scheduler.save_pretrained(folder)``.
+    ``scheduler``: a ``DCSolverScheduler`` (its ratios table is extended), any scheduler or config (the model's
+    noise schedule is taken from it), or None (defaults). ``model(x, t)`` must already apply ``guidance_scale``. The
+    starting noises are ``n_datapoints`` draws of ``sample_shape`` from ``torch.Generator().manual_seed(seed)``
+    (made on CPU, then moved to ``device``), so the result is deterministic. With ``cpr`` and >= 3 NFE values in
+    the table, CPR coefficients are (re)fitted. Save with ``scheduler.save_pretrained(folder)``.
     """
     if scheduler is None or not isinstance(scheduler, DCSolverScheduler):
-        config = {} if scheduler is None else {k: v for k, v in dict(scheduler).items() if k in MODEL_KEYS}
+        source = {} if scheduler is None else dict(getattr(scheduler, "config", scheduler))
+        config = {k: v for k, v in source.items() if k in MODEL_KEYS}
         scheduler = DCSolverScheduler(**config, guidance_scale=guidance_scale)
     if fingerprint is not None:
         scheduler.register_to_config(model_fingerprint=model_fingerprint(fingerprint))
@@ -179,7 +181,7 @@ def calibrate_dc(
     if n_datapoints < 1 or not nfes or min(nfes) < 1:
         raise ValueError(f"need n_datapoints >= 1 and NFE values >= 1, got {n_datapoints} and {nfes}.")
     generator = torch.Generator().manual_seed(seed)
-    x_T = torch.randn((n_datapoints, *sample_shape), generator=generator, dtype=torch.float64).to(dtype)
+    x_T = torch.randn((n_datapoints, *sample_shape), generator=generator, dtype=torch.float64).to(device, dtype)
     log = dict(scheduler.calibration_info.get("settings", {}))
     for n in nfes:
         ratios, info = calibrate_ratios(model, scheduler, n, x_T, num_iters, lr, substeps)
