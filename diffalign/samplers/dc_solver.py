@@ -146,6 +146,13 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
             self.dc_ratios, self.dc_ratio_source = self.ratios_for(n)
         else:
             self.dc_ratios, self.dc_ratio_source = [1.0] * n, "fallback"
+        nfes = [nfe for nfe, _ in self.ratio_table]
+        if self.dc_ratio_source == "cpr" and nfes and not min(nfes) <= n <= max(nfes):
+            warnings.warn(
+                f"DCSolverScheduler: CPR extrapolates to NFE {n} outside the calibrated NFE {min(nfes)}-{max(nfes)}; "
+                "its ratios may be poor there. Calibrate this NFE with `diffalign calibrate`.",
+                stacklevel=2,
+            )
         if self.dc_ratio_source == "fallback" and not self._warned_fallback:
             self._warned_fallback = True
             warnings.warn(

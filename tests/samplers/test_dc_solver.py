@@ -198,8 +198,12 @@ def test_bench_loads_the_shipped_ratios_and_falls_back_on_a_mismatch(gmm):
     for nfe in (5, 6, 8, 10):
         s.set_timesteps(nfe)
         assert s.dc_ratio_source == "calibrated" and s.dc_ratios[-1] != 1.0
-    s.set_timesteps(11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.set_timesteps(11)  # inside the calibrated NFE 4-15: CPR interpolates, silently
     assert s.dc_ratio_source == "cpr"
+    with pytest.warns(UserWarning, match="CPR extrapolates to NFE 30 outside the calibrated NFE 4-15"):
+        s.set_timesteps(30)
     with pytest.warns(UserWarning, match="side information not used.*solver_order"):
         other = make_scheduler(DCSolverScheduler, gmm.scheduler_config, {"solver_order": 3}, GMM_SCHEDULER_DIR)
     assert not other.ratio_table and other.cpr_coeffs is None
