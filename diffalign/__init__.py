@@ -4,8 +4,23 @@ A diffusers pipeline saved with one of our schedulers reloads with ``DiffusionPi
 ``model_index.json`` names the scheduler's module (e.g. ``diffalign.samplers.dpm_solver_pp``).
 """
 
-from .samplers import SCHEDULERS, DPMSolverPPScheduler, DPMSolverScheduler, swap_scheduler
+from .samplers import (
+    SCHEDULERS,
+    DCSolverScheduler,
+    DPMSolverPPScheduler,
+    DPMSolverScheduler,
+    calibrate_dc,
+    swap_scheduler,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["SCHEDULERS", "DPMSolverPPScheduler", "DPMSolverScheduler", "swap_scheduler", "__version__"]
+__all__ = [
+    "SCHEDULERS",
+    "DCSolverScheduler",
+    "DPMSolverPPScheduler",
+    "DPMSolverScheduler",
+    "calibrate_dc",
+    "swap_scheduler",
+    "__version__",
+]

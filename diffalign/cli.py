@@ -1,4 +1,4 @@
-"""``diffalign`` command line: ``sample``, ``ems`` and ``bench`` (more subcommands arrive with their issues)."""
+"""``diffalign`` command line: ``sample``, ``bench``, ``ems``, ``calibrate`` and ``train``."""
 
 from __future__ import annotations
 
@@ -85,6 +85,33 @@ def _attention_backend(name: str) -> str:
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return name
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .pipelines.benchmark import parse_sampler
+    from .pipelines.dc_calibration import calibrate_model, write_calibration
+
+    _, _, overrides = parse_sampler("dc_solver:" + (args.options or ""))
+    scheduler, _ = calibrate_model(
+        args.model,
+        nfe=args.nfe,
+        guidance_scales=args.guidance_scale,
+        overrides=overrides,
+        n_datapoints=args.n_datapoints,
+        seed=args.seed,
+        num_iters=args.num_iters,
+        lr=args.lr,
+    )
+    print(f"DC-Solver ratios for {args.model} ({scheduler.config.model_fingerprint}):")
+    for (nfe, g), ratios in sorted(scheduler.ratio_table.items()):
+        print(f"  NFE {nfe:>2}  guidance {g:g}:  " + " ".join(f"{r:.3f}" for r in ratios))
+    if scheduler.cpr_coeffs is not None:
+        for nfe in args.cpr_preview or []:
+            for g in args.guidance_scale:
+                ratios, _ = scheduler.ratios_for(nfe, g)
+                print(f"  CPR NFE {nfe:>2}  guidance {g:g}:  " + " ".join(f"{r:.3f}" for r in ratios))
+    print(f"wrote {write_calibration(scheduler, args.out)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +217,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(t)
     t.set_defaults(func=_train)
+    c = sub.add_parser(
+        "calibrate",
+        help="DC-Solver: calibrate compensation ratios (and CPR coefficients) on a few datapoints",
+        description="Search DC-Solver's compensation ratios against an accurate ODE solution from n-datapoints "
+        "seeded starting noises, for every NFE and guidance scale given, fit cascade polynomial regression over them "
+        "(with >= 3 NFE values), and write dc_solver_ratios.safetensors + .json into --out (beside an existing "
+        "scheduler_config.json, or as a full scheduler folder). Uses the benchmark's sampler settings.",
+    )
+    c.add_argument("--model", default="gmm", help="'gmm', 'digits' or 'digits-cond' (default: %(default)s)")
+    c.add_argument("--nfe", nargs="+", type=int, default=[5, 6, 8, 10], help="NFE values (default: %(default)s)")
+    c.add_argument(
+        "--guidance-scale", nargs="+", type=float, default=[1.0], help="CFG scales, digits-cond only (%(default)s)"
+    )
+    c.add_argument("--options", help="DC-Solver config overrides 'key=value,...', e.g. 'solver_order=3,dc_order=1'")
+    c.add_argument("--n-datapoints", type=int, default=10, help="starting noises searched on (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the starting noises (default: %(default)s)")
+    c.add_argument("--num-iters", type=int, default=60, help="Adam iterations per step (default: %(default)s)")
+    c.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default: %(default)s)")
+    c.add_argument("--cpr-preview", nargs="*", type=int, help="also print the CPR ratios for these NFE values")
+    c.add_argument("--out", default="dc_calibration", help="output folder (default: %(default)s)")
+    c.set_defaults(func=_calibrate)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 from .adjoint import adjoint_sample
 from .adjoint_scheduler import AdjointDPMScheduler
+from .dc_calibrate import calibrate_dc
+from .dc_solver import DCSolverScheduler
 from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
 from .dpm_solver_v3 import DPMSolverV3Scheduler
@@ -11,6 +13,7 @@ from .schedule import NoiseScheduleVP, time_grid
 
 __all__ = [
     "AdjointDPMScheduler",
+    "DCSolverScheduler",
     "DPMSolverPPScheduler",
     "DPMSolverScheduler",
     "DPMSolverV3Scheduler",
@@ -21,5 +24,6 @@ __all__ = [
     "get_scheduler_class",
     "swap_scheduler",
     "adjoint_sample",
+    "calibrate_dc",
     "time_grid",
 ]

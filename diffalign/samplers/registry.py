@@ -6,6 +6,7 @@ import diffusers
 
 from ._base import keep_model_keys
 from .adjoint_scheduler import AdjointDPMScheduler
+from .dc_solver import DCSolverScheduler
 from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
 from .dpm_solver_v3 import DPMSolverV3Scheduler
@@ -15,6 +16,7 @@ SCHEDULERS: dict[str, type] = {
     "dpm_solver_pp": DPMSolverPPScheduler,
     "dpm_solver_v3": DPMSolverV3Scheduler,
     "adjoint_dpm": AdjointDPMScheduler,
+    "dc_solver": DCSolverScheduler,
 }
 """Our schedulers by registry name. Later solvers add themselves here."""
 

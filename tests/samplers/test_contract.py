@@ -33,6 +33,11 @@ VARIANTS = {
         {"solver_order": 2, "corrector_pseudo": True, "timestep_spacing": "linspace"},
         {"use_corrector": False, "predictor_pseudo": True, "thresholding": True, "timestep_spacing": "trailing"},
     ],
+    "dc_solver": [
+        {},
+        {"solver_order": 3, "timestep_spacing": "karras", "final_sigmas_type": "sigma_min"},
+        {"predict_x0": False, "disable_corrector": [0], "dc_order": 1},
+    ],
 }
 CASES = [(name, variant) for name in sorted(SCHEDULERS) for variant in VARIANTS.get(name, [{}])]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in variant.items()) or 'default'}" for name, variant in CASES]
