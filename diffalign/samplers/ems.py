@@ -11,9 +11,10 @@ l x) / alpha`` (Eq. 5-6) and the model evaluated on forward-noised data ``x = al
 
 Jacobian-vector products are central finite differences of two model calls (forward-mode AD does not run through
 diffusers' UNets on CPU), and ``d eps / d lambda`` is the difference along the probability-flow ODE's tangent
-``dx / d lambda = sigma^2 x - sigma eps``. ``l'`` is the grid's central difference smoothed over 11 points, as in
-the official code. Every grid point draws its noise from its own seeded generator, so the result depends on the seed
-and the sample count, not on the batch size.
+``dx / d lambda = sigma^2 x - sigma eps``. ``l'`` is the grid's central difference smoothed by a moving average as
+in the official code (11 points of a 1200-step grid, the same lambda width on other grids). Every grid point draws
+its noise from its own seeded generator, so the result depends on the seed and the sample count, not on the batch
+size.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def compute_ems(
     t_start: float | None = None,
     t_end: float = 0.0,
     fd_step: float = 1e-3,
-    smooth: int = 5,
+    smooth: int | None = None,
     device: str | torch.device | None = None,
     model_name: str | None = None,
     fingerprint: str | None = None,
@@ -191,7 +192,9 @@ def compute_ems(
     ``samples``: (K, C, H, W) data (pixels or VAE latents, as the model sees them); ``num_samples`` draws cycle
     through them with fresh noise. ``scheduler_config``: any diffusers scheduler config of the model (noise schedule
     and ``prediction_type``). The grid spans ``lambda(t_start)`` (default: the last training timestep) to
-    ``lambda(t_end)`` (default 0, the first) in ``num_grid`` steps. ``fd_step``: the finite-difference step of the
+    ``lambda(t_end)`` (default 0, the first) in ``num_grid`` steps. ``smooth``: half-width in grid points of the
+    moving average of ``l'`` (default: the official 5 points of a 1200-step grid, scaled to the same lambda width).
+    ``fd_step``: the finite-difference step of the
     Jacobian-vector products. ``model_name`` and ``fingerprint`` (default: ``model_fingerprint(model)``) are saved
     so that the statistics can be checked against the model they are used with. 5 model calls per sample and grid
     point. ``dtype``: of the model's inputs and the finite differences (float64 for analytic models).
@@ -229,6 +232,7 @@ def compute_ems(
         x, v = noised(k, 0)
         l[k] = _batched(partial(probe.hutchinson, lam=lambdas[k]), [x, v], batch_size).double().mean(0).cpu()
         bar.update()
+    smooth = max(0, round(5 * num_grid / DEFAULT_GRID)) if smooth is None else smooth
     dl = np.gradient(l.numpy(), lambdas, axis=0)  # dl / dlambda, central inside, one-sided at the ends
     kernel = np.ones(2 * smooth + 1)
     counts = np.convolve(np.ones(num_grid + 1), kernel, mode="same")[:, None]
