@@ -48,8 +48,9 @@ def ems_inputs(model: str, data: str | None = None, prompts=None, guidance_scale
     if model == "gmm":
         from .gmm import GaussianMixture
 
-        gmm = GaussianMixture.from_digits().to(device)
+        gmm = GaussianMixture.from_digits()
         samples = gmm.sample_data(8192, torch.Generator().manual_seed(0)).reshape(-1, 1, 8, 8)
+        gmm.to(device)
         config = schedule_config(gmm.config) | {"prediction_type": "epsilon"}
         return (lambda x, t: gmm(x, t).sample), samples, config, GMM_SCHEDULER_DIR, "gmm", None, torch.float64
     if model == "digits":
