@@ -38,6 +38,7 @@ DIFFUSERS_BASELINES = (
     "HeunDiscreteScheduler",
 )
 EXTRA_VARIANTS = (
+    "dpm_solver_v3:timestep_spacing=time_quadratic",
     "dpm_solver_pp:solver_order=3",
     "dpm_solver_pp:solver_order=3,taylor_third_order=true,timestep_spacing=logSNR,final_sigmas_type=sigma_min",
 )
