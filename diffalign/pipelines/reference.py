@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..samplers._base import eps_from_model_output
 from ..samplers.schedule import NoiseScheduleVP, alpha_sigma_from_rho
 from .sampling import model_output
 
@@ -56,12 +57,6 @@ def timestep_eps_fn(model, schedule: NoiseScheduleVP, prediction_type: str = "ep
         t = float(schedule.t_of_lambda(-np.log(r))) if r > 0 else 0.0
         out = model_output(model, x, torch.tensor(t, device=x.device), cond).to(torch.float64)
         alpha, sigma = (float(v) for v in alpha_sigma_from_rho(r))
-        if prediction_type == "epsilon":
-            return out
-        if prediction_type == "v_prediction":
-            return alpha * out + sigma * x
-        if prediction_type == "sample":
-            return (x - alpha * out) / sigma
-        raise ValueError(f"prediction_type={prediction_type!r}; use 'epsilon', 'v_prediction' or 'sample'.")
+        return eps_from_model_output(out, x, alpha, sigma, prediction_type)
 
     return eps_fn

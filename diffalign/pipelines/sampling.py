@@ -11,15 +11,9 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..samplers.adjoint import model_output
 
-def model_output(model, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-    """Call ``model(x, t[, cond])`` and unwrap diffusers' output objects to the raw tensor."""
-    out = model(x, t) if cond is None else model(x, t, cond)
-    if hasattr(out, "sample"):
-        out = out.sample
-    elif isinstance(out, tuple):
-        out = out[0]
-    return out
+__all__ = ["model_output", "sample"]
 
 
 @torch.no_grad()

@@ -356,6 +356,17 @@ class VPScheduler(SchedulerMixin):
         return x0
 
 
+def eps_from_model_output(out, x, alpha, sigma, prediction_type: str):
+    """The noise prediction from a raw model output of any diffusers prediction type (Salimans & Ho 2022, Sec. 4)."""
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        return alpha * out + sigma * x
+    if prediction_type == "sample":
+        return (x - alpha * out) / sigma
+    raise ValueError(f"prediction_type={prediction_type!r}; use one of {PREDICTION_TYPES}.")
+
+
 def solver_type_of(config) -> str:
     """DPM-Solver's second-order variant: 'midpoint' (paper's 'dpmsolver') or 'heun' (paper's 'taylor')."""
     st = config.solver_type

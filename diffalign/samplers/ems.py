@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._base import PREDICTION_TYPES, eps_from_model_output
 from .schedule import NoiseScheduleVP, alpha_sigma_from_lambda
 
 EMS_FILE = "dpm_solver_v3_ems"
@@ -119,18 +120,9 @@ class EmpiricalModelStatistics:
 
 def _eps_fn(model: Callable, prediction_type: str) -> Callable:
     """``eps(x, t, alpha, sigma)`` from a model of any diffusers prediction type."""
-
-    def eps(x, t, alpha, sigma):
-        out = model(x, t)
-        if prediction_type == "epsilon":
-            return out
-        if prediction_type == "v_prediction":
-            return alpha * out + sigma * x
-        if prediction_type == "sample":
-            return (x - alpha * out) / sigma
-        raise ValueError(f"prediction_type={prediction_type!r}; use 'epsilon', 'v_prediction' or 'sample'.")
-
-    return eps
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r}; use one of {PREDICTION_TYPES}.")
+    return lambda x, t, alpha, sigma: eps_from_model_output(model(x, t), x, alpha, sigma, prediction_type)
 
 
 def _batched(fn, inputs: list[torch.Tensor], batch_size: int) -> torch.Tensor:

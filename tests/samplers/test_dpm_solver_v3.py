@@ -181,9 +181,10 @@ def test_shipped_ems_are_found_and_beat_unipc_on_gmm():
 
     Measured on the first 64 seed-0 noises at NFE 5: v3 8.9e-3 vs diffusers UniPC 2.9e-2 (3.3x).
     """
+    from diffusers import UniPCMultistepScheduler
+
     from diffalign.pipelines.bench_targets import gmm_target
     from diffalign.pipelines.benchmark import make_scheduler, run_sampler
-    from diffusers import UniPCMultistepScheduler
 
     target = gmm_target()
     v3 = make_scheduler(DPMSolverV3Scheduler, target.scheduler_config, {}, target.side_info)
