@@ -36,7 +36,7 @@ from .adjoint_scheduler import AdjointDPMScheduler
 TRAJECTORIES = ("store", "reconstruct")
 
 
-def model_output(model: Callable, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+def model_output(model: Callable, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
     """``model(x, t[, cond])`` unwrapped from diffusers' output objects to the raw (B, ...) tensor."""
     out = model(x, t) if cond is None else model(x, t, cond)
     if hasattr(out, "sample"):
