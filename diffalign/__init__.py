@@ -6,10 +6,14 @@ A diffusers pipeline saved with one of our schedulers reloads with ``DiffusionPi
 
 from .samplers import (
     SCHEDULERS,
+    AdjointDPMScheduler,
     DCSolverScheduler,
     DPMSolverPPScheduler,
     DPMSolverScheduler,
+    DPMSolverV3Scheduler,
+    adjoint_sample,
     calibrate_dc,
+    compute_ems,
     swap_scheduler,
 )
 
@@ -17,10 +21,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SCHEDULERS",
+    "AdjointDPMScheduler",
     "DCSolverScheduler",
     "DPMSolverPPScheduler",
     "DPMSolverScheduler",
+    "DPMSolverV3Scheduler",
+    "adjoint_sample",
     "calibrate_dc",
+    "compute_ems",
     "swap_scheduler",
     "__version__",
 ]
