@@ -148,9 +148,12 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
             self.dc_ratios, self.dc_ratio_source = [1.0] * n, "fallback"
         nfes = [nfe for nfe, _ in self.ratio_table]
         if self.dc_ratio_source == "cpr" and nfes and not min(nfes) <= n <= max(nfes):
+            # a polynomial in NFE is unbounded outside its data: measured ratios of -2 at NFE 30 and -17 at NFE 50
+            # (digits ratios from NFE 4-15), which diverge. Outside the range run as UniPC instead.
+            self.dc_ratios, self.dc_ratio_source = [1.0] * n, "fallback"
             warnings.warn(
-                f"DCSolverScheduler: CPR extrapolates to NFE {n} outside the calibrated NFE {min(nfes)}-{max(nfes)}; "
-                "its ratios may be poor there. Calibrate this NFE with `diffalign calibrate`.",
+                f"DCSolverScheduler: NFE {n} is outside the calibrated NFE {min(nfes)}-{max(nfes)}, where CPR would "
+                "extrapolate; running with ratios 1 (UniPC). Calibrate this NFE with `diffalign calibrate`.",
                 stacklevel=2,
             )
         if self.dc_ratio_source == "fallback" and not self._warned_fallback:

@@ -202,8 +202,9 @@ def test_bench_loads_the_shipped_ratios_and_falls_back_on_a_mismatch(gmm):
         warnings.simplefilter("error")
         s.set_timesteps(11)  # inside the calibrated NFE 4-15: CPR interpolates, silently
     assert s.dc_ratio_source == "cpr"
-    with pytest.warns(UserWarning, match="CPR extrapolates to NFE 30 outside the calibrated NFE 4-15"):
+    with pytest.warns(UserWarning, match="NFE 30 is outside the calibrated NFE 4-15"):
         s.set_timesteps(30)
+    assert s.dc_ratio_source == "fallback" and s.dc_ratios == [1.0] * 30  # CPR gave ratios of -2 there
     with pytest.warns(UserWarning, match="side information not used.*solver_order"):
         other = make_scheduler(DCSolverScheduler, gmm.scheduler_config, {"solver_order": 3}, GMM_SCHEDULER_DIR)
     assert not other.ratio_table and other.cpr_coeffs is None
