@@ -117,7 +117,9 @@ def test_sd15_full_finetune_step_saves_a_loadable_pipeline(tmp_path):
         progress_bar=False,
     )
     result = train(config)
-    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # the frozen copy runs under no_grad, the policy with autograd: float32 kernels round differently (with 2 threads
+    # the errors differ by ~1e-8, times beta / 2 = 2500 in the loss: measured log 2 - 7.5e-5)
+    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=5e-4)
     reloaded = DiffusionPipeline.from_pretrained(str(tmp_path / "out"))
     for (name, a), b in zip(reloaded.unet.state_dict().items(), result.unet.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
