@@ -132,7 +132,9 @@ class GuidedUNet:
                 "time_ids": time_ids.repeat(2 * B, 1),
             }
         x_in = torch.cat([x, x]).to(self.unet.dtype)
-        out = self.unet(x_in, t, encoder_hidden_states=embeds, **kwargs).sample
+        t = torch.as_tensor(t, device=x.device)
+        t_in = torch.cat([t, t]) if t.ndim == 1 and len(t) == B > 1 else t  # per-sample times: both halves
+        out = self.unet(x_in, t_in, encoder_hidden_states=embeds, **kwargs).sample
         uncond, cond = out.chunk(2)
         return (uncond + self.guidance_scale * (cond - uncond)).to(x.dtype)
 
