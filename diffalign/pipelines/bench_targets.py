@@ -75,12 +75,7 @@ def pipeline_target(
     size = unet.config.sample_size
     shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
     name = Path(name_or_path).name or str(name_or_path)
-    if hasattr(pipe, "encode_prompt"):
-        if not prompts:
-            raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass --prompts with one or more prompts.")
-        model = GuidedUNet(pipe, prompts, guidance_scale)
-    else:
-        model = lambda x, t: unet(x.to(unet.dtype), t).sample.to(x.dtype)  # noqa: E731
+    model = pipeline_model(pipe, prompts, guidance_scale)
     target = BenchTarget(name, model, config, shape, reference_for(model, config, reference_rtol), dtype=unet.dtype)
     if inception_weights is not None or fid_stats is not None:
         if inception_weights is None or fid_stats is None:
@@ -90,6 +85,16 @@ def pipeline_target(
         target.fd = inception_fid_fn(inception_weights, fid_stats, _decoder(pipe))
         target.fd_name = "FID (Inception)"
     return target
+
+
+def pipeline_model(pipe, prompts: list[str] | None, guidance_scale: float):
+    """``model(x, t)`` of a pipeline's UNet: guided by ``prompts`` for text pipelines (``GuidedUNet``), plain else."""
+    if hasattr(pipe, "encode_prompt"):
+        if not prompts:
+            raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass --prompts with one or more prompts.")
+        return GuidedUNet(pipe, prompts, guidance_scale)
+    unet = pipe.unet
+    return lambda x, t: unet(x.to(unet.dtype), t).sample.to(x.dtype)
 
 
 def _decoder(pipe):

@@ -17,7 +17,7 @@ import torch
 from ..samplers.dpm_solver_v3 import DPMSolverV3Scheduler
 from ..samplers.ems import DEFAULT_GRID, DEFAULT_SAMPLES, EMS_FILE, compute_ems, model_fingerprint
 from ..samplers.side_info import save_side_info
-from .bench_targets import GMM_SCHEDULER_DIR, schedule_config
+from .bench_targets import GMM_SCHEDULER_DIR, pipeline_model, schedule_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -63,8 +63,6 @@ def ems_inputs(model: str, data: str | None = None, prompts=None, guidance_scale
         return fn, samples, schedule_config(build_scheduler().config), folder, "digits", model_fingerprint(unet), None
     from diffusers import DiffusionPipeline
 
-    from .bench_targets import GuidedUNet
-
     pipe = DiffusionPipeline.from_pretrained(model).to(device)
     if data is None:
         raise ValueError("a pipeline needs --data FOLDER of images (its training domain) to compute EMS on.")
@@ -79,12 +77,7 @@ def ems_inputs(model: str, data: str | None = None, prompts=None, guidance_scale
         samples = torch.cat(chunks).float() * vae.config.scaling_factor
     else:
         samples = images
-    if hasattr(pipe, "encode_prompt"):
-        if not prompts:
-            raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass --prompts (and --guidance-scale).")
-        fn = GuidedUNet(pipe, prompts, guidance_scale)
-    else:
-        fn = lambda x, t: unet(x.to(unet.dtype), t).sample.to(x.dtype)  # noqa: E731
+    fn = pipeline_model(pipe, prompts, guidance_scale)
     folder = Path(model) / "scheduler"
     name = f"{Path(model).name} (guidance {guidance_scale})" if prompts else Path(model).name
     return fn, samples, schedule_config(pipe.scheduler.config), folder, name, model_fingerprint(unet), None
