@@ -28,6 +28,9 @@ def _ems(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         batch_size=args.batch_size,
         seed=args.seed,
+        t_start=args.t_start,
+        t_end=args.t_end,
+        fd_step=args.fd_step,
         data=args.data,
         prompts=args.prompts,
         guidance_scale=args.guidance_scale,
@@ -154,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--batch-size", type=int, default=256, help="model batch size (default: %(default)s)")
     e.add_argument("--seed", type=int, default=0, help="seed of the noise and probes (default: %(default)s)")
+    e.add_argument("--t-start", type=float, help="first grid time in training timesteps (default: the last one)")
+    e.add_argument("--t-end", type=float, default=0.0, help="last grid time (default: %(default)s)")
+    e.add_argument("--fd-step", type=float, default=1e-3, help="finite-difference step of the JVPs (%(default)s)")
     e.add_argument("--data", help="pipelines: folder of images from the model's domain")
     e.add_argument("--prompts", nargs="+", help="text pipelines: prompts, cycled over the samples")
     e.add_argument("--guidance-scale", type=float, default=7.5, help="text pipelines: CFG scale (%(default)s)")

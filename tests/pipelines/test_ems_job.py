@@ -18,6 +18,13 @@ def test_ems_command_on_gmm_writes_loadable_statistics(tmp_path, capsys):
     scheduler = DPMSolverV3Scheduler.from_pretrained(out)  # a fresh folder gets a scheduler config too
     assert scheduler.ems.num_grid == 8 and scheduler.ems.meta["model"] == "gmm"
     assert scheduler.ems.meta["dtype"] == "float64" and scheduler.ems.sample_shape == (1, 8, 8)
+    short = tmp_path / "short"
+    assert main(args[:-3] + ["--t-start", "500", "--fd-step", "1e-2", "--out", str(short), "--quiet"]) == 0
+    partial = DPMSolverV3Scheduler.from_pretrained(short)
+    assert partial.ems.meta["t_start"] == 500.0 and partial.ems.meta["fd_step"] == 1e-2
+    with pytest.raises(ValueError, match="outside the EMS range"):
+        partial.set_timesteps(5)  # the grid starts at t = 999, above what these statistics cover
+    partial.set_timesteps(timesteps=[500, 300, 100])
     # deterministic: the same command gives the same statistics
     assert main(args[:-3] + ["--out", str(tmp_path / "again"), "--quiet"]) == 0
     again = DPMSolverV3Scheduler.from_pretrained(tmp_path / "again")
