@@ -27,7 +27,7 @@ DEMO_CONFIG = dict(
     lora_target_modules="to_v,to_out.0,conv1,conv2",
     checkpointing_steps=0,
 )
-"""The demo's training options (measured on 2 CPU cores; see docs/readme_issue-train.md)."""
+"""The demo's training options (measured on 2 CPU cores; see the README, "Embedded demo")."""
 
 
 def trained_pipeline(output_dir: Path):

@@ -8,7 +8,7 @@ Measured with exactly these settings (weak guidance 0.3, CPU, float32):
 | LoRA, 10 iterations of 8 images    | 32 held-out images, NFE 5                 | -8.05  | -4.78 |
 
 The short LoRA run lowers confident mistakes (the log-prob reward) before it raises accuracy; the script's longer run
-is in docs/readme_issue-adjoint.md.
+is in the README ("Uses on the embedded digits-cond model").
 """
 
 import torch
