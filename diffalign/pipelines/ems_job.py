@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ..samplers.dpm_solver_v3 import DPMSolverV3Scheduler
-from ..samplers.ems import DEFAULT_GRID, DEFAULT_SAMPLES, EMS_FILE, compute_ems, model_fingerprint
-from ..samplers.side_info import save_side_info
+from ..samplers.ems import DEFAULT_GRID, DEFAULT_SAMPLES, EMS_FILE, compute_ems
+from ..samplers.side_info import model_fingerprint, save_side_info
 from .bench_targets import GMM_SCHEDULER_DIR, pipeline_model, schedule_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -52,7 +52,8 @@ def ems_inputs(model: str, data: str | None = None, prompts=None, guidance_scale
         samples = gmm.sample_data(8192, torch.Generator().manual_seed(0)).reshape(-1, 1, 8, 8)
         gmm.to(device)
         config = schedule_config(gmm.config) | {"prediction_type": "epsilon"}
-        return (lambda x, t: gmm(x, t).sample), samples, config, GMM_SCHEDULER_DIR, "gmm", None, torch.float64
+        fingerprint = model_fingerprint(gmm)
+        return (lambda x, t: gmm(x, t).sample), samples, config, GMM_SCHEDULER_DIR, "gmm", fingerprint, torch.float64
     if model == "digits":
         from .digits import ASSETS_DIR, build_scheduler, load_digits_data, load_digits_unet
 

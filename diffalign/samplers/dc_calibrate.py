@@ -12,7 +12,6 @@ scheduler's ``prediction_type``; classifier-free guidance belongs inside it (one
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -23,23 +22,10 @@ from ._base import MODEL_KEYS, VPScheduler
 from .dc_cpr import fit_cpr
 from .dc_solver import DCSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
+from .side_info import model_fingerprint
 
 REFERENCE_SOLVER = dict(solver_order=3, taylor_third_order=True, lower_order_final=False, final_sigmas_type="zero")
 """The ground-truth solver: third-order DPM-Solver++ (3M) on a fine grid through every calibration grid point."""
-
-
-def model_fingerprint(model) -> str:
-    """A short identity of a model: a string is kept as is; a ``torch.nn.Module`` hashes its class, parameter and
-    buffer names, shapes and values (sha256)."""
-    if isinstance(model, str):
-        return model
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model_fingerprint takes a torch.nn.Module or a str, got {type(model).__name__}.")
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return f"{type(model).__name__}:sha256:{digest.hexdigest()[:16]}"
 
 
 def _call(model: Callable, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ polynomial regression (``dc_cpr``), saved beside the scheduler config and loaded
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 
@@ -22,7 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from ._base import VPScheduler
 from ._unipc import SOLVER_TYPES, lagrange_compensation, uni_c_update, uni_p_update
 from .dc_cpr import CPR_SHAPE, cpr_ratios
-from .side_info import SideInfoMixin
+from .side_info import SideInfoMixin, schedule_fingerprint
 
 SIDE_INFO_FORMAT = "diffalign.dc_solver/1"
 FOREIGN_SOLVER_TYPES = ("midpoint", "heun", "logrho", "dpmsolver", "taylor")  # read as bh2, as diffusers' UniPC does
@@ -241,9 +240,8 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
     def side_info_identity(self) -> dict:
         """What the ratios depend on besides the model: schedule, prediction type and every sampler setting."""
         cfg = self.config
-        digest = hashlib.sha256(np.ascontiguousarray(self.noise_schedule.alphas_cumprod).tobytes()).hexdigest()
         return dict(
-            schedule_sha256=digest[:16],
+            schedule_sha256=schedule_fingerprint(self.noise_schedule),
             num_train_timesteps=int(cfg.num_train_timesteps),
             prediction_type=cfg.prediction_type,
             predict_x0=bool(cfg.predict_x0),

@@ -33,9 +33,9 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from ._base import VPScheduler
-from .ems import EMS_FILE, EmpiricalModelStatistics, ems_from_side_info, model_fingerprint, schedule_fingerprint
+from .ems import EMS_FILE, EmpiricalModelStatistics, ems_from_side_info
 from .schedule import alpha_sigma_from_lambda
-from .side_info import SideInfoMixin
+from .side_info import SideInfoMixin, model_fingerprint, schedule_fingerprint
 
 PSEUDO_ORDER_UP_TO_NFE = 5  # the official CIFAR-10 / EDM settings use pseudo-order predictors at <= 5 steps
 _warned_fallback = False

@@ -19,7 +19,6 @@ size.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from functools import partial
@@ -30,28 +29,13 @@ from tqdm.auto import tqdm
 
 from ._base import PREDICTION_TYPES, eps_from_model_output
 from .schedule import NoiseScheduleVP, alpha_sigma_from_lambda
+from .side_info import model_fingerprint, schedule_fingerprint
 
 EMS_FILE = "dpm_solver_v3_ems"
 EMS_FORMAT = 1
 DEFAULT_GRID = 1200  # the official CIFAR-10 / EDM statistics use 1200 lambda steps
 DEFAULT_SAMPLES = 4096  # ... and 4096 (or 1024) data samples
 RIDGE = 1e-6  # relative ridge of the s, b regression, against float rounding where Var(f) ~ 0
-
-
-def schedule_fingerprint(schedule: NoiseScheduleVP) -> str:
-    """A short hash of ``alphas_cumprod``: EMS are only valid under the schedule they were computed with."""
-    return hashlib.sha256(np.round(schedule.alphas_cumprod, 12).tobytes()).hexdigest()[:16]
-
-
-def model_fingerprint(model) -> str | None:
-    """A short hash of a module's parameter names, shapes and leading values; None for a plain function."""
-    if not isinstance(model, torch.nn.Module):
-        return None
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().reshape(-1)[:4096].double().cpu().numpy().round(6).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def trapezoid_cumulative(values: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
@@ -186,10 +170,10 @@ def compute_ems(
     and ``prediction_type``). The grid spans ``lambda(t_start)`` (default: the last training timestep) to
     ``lambda(t_end)`` (default 0, the first) in ``num_grid`` steps. ``smooth``: half-width in grid points of the
     moving average of ``l'`` (default: the official 5 points of a 1200-step grid, scaled to the same lambda width).
-    ``fd_step``: the finite-difference step of the
-    Jacobian-vector products. ``model_name`` and ``fingerprint`` (default: ``model_fingerprint(model)``) are saved
-    so that the statistics can be checked against the model they are used with. 5 model calls per sample and grid
-    point. ``dtype``: of the model's inputs and the finite differences (float64 for analytic models).
+    ``fd_step``: the finite-difference step of the Jacobian-vector products. ``model_name`` and ``fingerprint``
+    (default: ``model_fingerprint(model)`` for a module) are saved so that the statistics can be checked against the
+    model they are used with. 5 model calls per sample and grid point. ``dtype``: of the model's inputs and the finite
+    differences (float64 for analytic models).
     """
     get = scheduler_config.get if hasattr(scheduler_config, "get") else lambda k, d=None: getattr(scheduler_config, k)
     schedule = NoiseScheduleVP.from_config(scheduler_config)
@@ -263,7 +247,7 @@ def compute_ems(
         schedule=schedule_fingerprint(schedule),
         prediction_type=prediction_type,
         model=model_name,
-        model_fingerprint=fingerprint or model_fingerprint(model),
+        model_fingerprint=fingerprint or (model_fingerprint(model) if isinstance(model, torch.nn.Module) else None),
         fd_step=fd_step,
         dtype=str(dtype).removeprefix("torch."),
     )

@@ -9,13 +9,34 @@ written atomically (temporary file, then ``os.replace``); nothing is unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+
+def model_fingerprint(model) -> str:
+    """A short identity of a model: a string is kept as is; a ``torch.nn.Module`` hashes its class, parameter and
+    buffer names, shapes and values (sha256)."""
+    if isinstance(model, str):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model_fingerprint takes a torch.nn.Module or a str, got {type(model).__name__}.")
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return f"{type(model).__name__}:sha256:{digest.hexdigest()[:16]}"
+
+
+def schedule_fingerprint(schedule) -> str:
+    """A short hash of a ``NoiseScheduleVP``'s ``alphas_cumprod``: side information is only valid under it."""
+    return hashlib.sha256(np.ascontiguousarray(schedule.alphas_cumprod).tobytes()).hexdigest()[:16]
 
 
 def _atomic_write(path: Path, write) -> None:
