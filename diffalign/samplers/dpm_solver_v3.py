@@ -37,6 +37,7 @@ from .ems import EMS_FILE, EmpiricalModelStatistics, ems_from_side_info
 from .schedule import alpha_sigma_from_lambda
 from .side_info import SideInfoMixin, model_fingerprint, schedule_fingerprint
 
+GRID_STATS = ("l", "L", "S", "I", "B", "C")  # the EMS arrays a step reads at its grid points
 PSEUDO_ORDER_UP_TO_NFE = 5  # the official CIFAR-10 / EDM settings use pseudo-order predictors at <= 5 steps
 _warned_fallback = False
 
@@ -186,7 +187,6 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
                     stacklevel=3,
                 )
                 _warned_fallback = True
-            self._ems_index = None
             return super()._set_grid(times, rhos, integer_times, device)
         ems, n = self.ems, len(times)
         finite = rhos > 0  # (n + 1,)
@@ -207,7 +207,10 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
             )
         snapped = ems.lambdas[index].numpy()
         new_rhos = np.concatenate([np.exp(-snapped), np.zeros(int((~finite).sum()))])
-        self._ems_index = np.concatenate([index, -np.ones(int((~finite).sum()), dtype=np.int64)])
+        # the step to sigma 0 passes through the last EMS point (see _update): it stands in for the clean end
+        self._ems_index = np.concatenate([index, np.full(int((~finite).sum()), ems.num_grid)])  # (n + 1,)
+        self._ems_alpha = alpha_sigma_from_lambda(ems.lambdas[self._ems_index].numpy())[0]  # (n + 1,)
+        self._grid_stats = {k: getattr(ems, k)[self._ems_index] for k in GRID_STATS}  # (n + 1, C, H, W) each
         super()._set_grid(self.noise_schedule.t_of_lambda(snapped[:n]), new_rhos, False, device)
 
     def _reset_solver_state(self) -> None:
@@ -217,15 +220,21 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         self._last_order = 0
         self._first_index = 0
         self._cache: dict = {}
+        self._stats_on = None  # ((device, dtype), the grid's EMS rows there)
         n = self.num_inference_steps
         pseudo = self.config.predictor_pseudo
         self._predictor_pseudo = (n <= PSEUDO_ORDER_UP_TO_NFE) if pseudo is None else bool(pseudo)
 
     # ---- the statistics at grid points --------------------------------------------------------------------------
-    def _stat(self, name: str, i: int, like: torch.Tensor) -> torch.Tensor | float:
-        """EMS array ``name`` at grid point ``i`` (the last EMS point for the clean end), on ``like``'s device."""
-        j = self._ems_index[i]
-        return getattr(self.ems, name)[j if j >= 0 else -1].to(like.device, like.dtype)
+    def _stat(self, name: str, i: int, like: torch.Tensor) -> torch.Tensor:
+        """EMS array ``name`` at grid point ``i`` (the last EMS point for the clean end), on ``like``'s device.
+
+        The grid's rows move to the sample's device and dtype once per ``set_timesteps``, not at every step.
+        """
+        key = (like.device, like.dtype)
+        if self._stats_on is None or self._stats_on[0] != key:
+            self._stats_on = (key, {k: v.to(like.device, like.dtype) for k, v in self._grid_stats.items()})
+        return self._stats_on[1][name][i]
 
     def _f(self, eps: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
         """``f = (sigma eps - l x) / alpha`` (Eq. 6); ``-x0`` under the fallback ``l = 1``."""
@@ -243,7 +252,8 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
     def _transition(self, s: int, t: int, order: int, like: torch.Tensor):
         """``(c_x, c_g, c_b, [a_1 .. a_{order-1}])`` with ``x_t = c_x x_s - c_g g_s - c_b - sum_k a_k g^{(k)}``.
 
-        ``t = -1`` means the last EMS point (the step to sigma 0 passes through it, see ``_update``).
+        With EMS, the clean end ``t`` stands for the last EMS point (the step to sigma 0 passes through it, see
+        ``_update``).
         """
         key = (s, t, order)
         if key in self._cache:
@@ -256,21 +266,11 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
             phis = degenerate_high_order(h, order)
             out = (sigma_t / sigma_s, alpha_t * phis[0], 0.0, [alpha_t * p for p in phis[1:]])
         else:
-            i_s, i_t = int(self._ems_index[s]), int(self._ems_index[t]) if t >= 0 else self.ems.num_grid
-            alpha_s = float(self.alpha_grid[s])
-            alpha_t = float(alpha_sigma_from_lambda(float(self.ems.lambdas[i_t]))[0])
+            i_s, i_t = int(self._ems_index[s]), int(self._ems_index[t])
+            alpha_s, alpha_t = float(self.alpha_grid[s]), float(self._ems_alpha[t])
             L_s, L_t, S_s, I_s, I_t, B_s, C_s, C_t = (
-                getattr(self.ems, k)[i].to(like.device, like.dtype)
-                for k, i in (
-                    ("L", i_s),
-                    ("L", i_t),
-                    ("S", i_s),
-                    ("I", i_s),
-                    ("I", i_t),
-                    ("B", i_s),
-                    ("C", i_s),
-                    ("C", i_t),
-                )
+                self._stat(k, p, like)
+                for k, p in (("L", s), ("L", t), ("S", s), ("I", s), ("I", t), ("B", s), ("C", s), ("C", t))
             )
             decay = torch.exp(L_s - L_t)
             high = [self.ems.high_order_coefficient(i_s, i_t, k).to(like.device, like.dtype) for k in range(1, order)]
@@ -290,21 +290,19 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         s = self._points[slots[0]]
         x_s = self._xs[slots[0]]
         gs = [self._g(self._fs[k], s, self._points[k]) for k in slots]
-        to_clean = self.ems is not None and self._ems_index[t] < 0
-        c_x, c_g, c_b, high = self._transition(s, -1 if to_clean else t, order, x_s)
+        c_x, c_g, c_b, high = self._transition(s, t, order, x_s)
         x_t = c_x * x_s - c_g * gs[0] - c_b
         if order > 1:
             lambdas = [float(self.lambda_grid[self._points[k]]) for k in slots]
             for a_k, d_k in zip(high, taylor_derivatives(gs, lambdas, pseudo), strict=True):
                 x_t = x_t - a_k * d_k
-        if to_clean:  # x_0 = (x_N - sigma_N eps_N) / alpha_N with f_N from the same (first-order) model of g
-            ems, i_s = self.ems, int(self._ems_index[s])
+        if self.ems is not None and self.sigma_grid[t] == 0:
+            # x_0 = (x_N - sigma_N eps_N) / alpha_N with f_N from the same (first-order) model of g
             S_s, S_N, B_s, B_N, l_N = (
-                getattr(ems, k)[i].to(x_s) for k, i in (("S", i_s), ("S", -1), ("B", i_s), ("B", -1), ("l", -1))
+                self._stat(k, p, x_s) for k, p in (("S", s), ("S", t), ("B", s), ("B", t), ("l", t))
             )
             f_N = torch.exp(S_N - S_s) * gs[0] + torch.exp(S_N) * (B_N - B_s)
-            alpha_N = float(alpha_sigma_from_lambda(float(ems.lambdas[-1]))[0])
-            x_t = (1 - l_N) * x_t / alpha_N - f_N
+            x_t = (1 - l_N) * x_t / float(self._ems_alpha[t]) - f_N
         return x_t
 
     def _solver_step(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
