@@ -60,8 +60,8 @@ def ems_inputs(model: str, data: str | None = None, prompts=None, guidance_scale
         unet = load_digits_unet().to(device)
         samples, _ = load_digits_data("train")
         fn = lambda x, t: unet(x, t).sample  # noqa: E731
-        folder = ASSETS_DIR / "digits" / "scheduler"
-        return fn, samples, schedule_config(build_scheduler().config), folder, "digits", model_fingerprint(unet), None
+        folder, config = ASSETS_DIR / "digits" / "scheduler", schedule_config(build_scheduler().config)
+        return fn, samples, config, folder, "digits", model_fingerprint(unet), torch.float32
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(model).to(device)
@@ -81,7 +81,7 @@ def ems_inputs(model: str, data: str | None = None, prompts=None, guidance_scale
     fn = pipeline_model(pipe, prompts, guidance_scale)
     folder = Path(model) / "scheduler"
     name = f"{Path(model).name} (guidance {guidance_scale})" if prompts else Path(model).name
-    return fn, samples, schedule_config(pipe.scheduler.config), folder, name, model_fingerprint(unet), None
+    return fn, samples, schedule_config(pipe.scheduler.config), folder, name, model_fingerprint(unet), torch.float32
 
 
 def run_ems(
@@ -104,7 +104,7 @@ def run_ems(
     fn, samples, config, folder, name, fingerprint, dtype = ems_inputs(model, data, prompts, guidance_scale, device)
     ems = compute_ems(
         fn,
-        samples.to(device),
+        samples,
         config,
         num_grid=num_grid,
         num_samples=num_samples,
@@ -115,7 +115,7 @@ def run_ems(
         fd_step=fd_step,
         model_name=name,
         fingerprint=fingerprint,
-        dtype=dtype or torch.float32,
+        dtype=dtype,
         device=device,
         progress=progress,
     )
