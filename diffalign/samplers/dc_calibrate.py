@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ._base import MODEL_KEYS, VPScheduler
+from .adjoint import model_output
 from .dc_cpr import fit_cpr
 from .dc_solver import DCSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
@@ -26,13 +27,6 @@ from .side_info import model_fingerprint
 
 REFERENCE_SOLVER = dict(solver_order=3, taylor_third_order=True, lower_order_final=False, final_sigmas_type="zero")
 """The ground-truth solver: third-order DPM-Solver++ (3M) on a fine grid through every calibration grid point."""
-
-
-def _call(model: Callable, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    out = model(x, t)
-    if hasattr(out, "sample"):
-        return out.sample
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _fine_rhos(rhos: np.ndarray, substeps: int) -> tuple[np.ndarray, list[int]]:
@@ -64,7 +58,7 @@ def reference_trajectory(model: Callable, scheduler: DCSolverScheduler, x_T: tor
     solver.set_timesteps(sigmas=fine.tolist())
     states, x = [x_T], x_T
     for k, t in enumerate(solver.timesteps):
-        x = solver.step(_call(model, x, t), t, x).prev_sample
+        x = solver.step(model_output(model, x, t), t, x).prev_sample
         if k + 1 in index:
             states.append(x)
     return states
@@ -85,7 +79,7 @@ def search_ratio(model, scheduler: DCSolverScheduler, i: int, x, out, target, nu
         compensated = history[:-1] + [scheduler._compensated(history, i, rho)]
         x_next = scheduler._predict(x_c, compensated, i, order)
         if t_next is not None and scheduler._uses_corrector(i + 1):
-            m_next = scheduler._model_term(_call(model, x_next, t_next).to(x_next.dtype), x_next, i + 1)
+            m_next = scheduler._model_term(model_output(model, x_next, t_next).to(x_next.dtype), x_next, i + 1)
             x_next = scheduler._correct(m_next, i + 1, compensated, x_c, order)
         return (x_next - target).pow(2).mean()
 
@@ -124,7 +118,7 @@ def calibrate_ratios(
     x = x_T
     for i, t in enumerate(scheduler.timesteps):
         with torch.no_grad():
-            out = _call(model, x, t).to(x.dtype)
+            out = model_output(model, x, t).to(x.dtype)
         if scheduler._can_compensate(i):
             ratios[i] = search_ratio(model, scheduler, i, x, out, target[i + 1].to(x.dtype), num_iters, lr)
         with torch.no_grad():
