@@ -69,10 +69,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .alignment.config import config_from_args
+    from .alignment.config import TrainConfig
     from .alignment.trainer import train
+    from .options import from_args
 
-    result = train(config_from_args(args))
+    result = train(from_args(TrainConfig, args))
     if result.history:
         last = result.history[-1]
         print(f"step {result.global_step}: loss {last['loss']:.4f}, implicit accuracy {last['implicit_accuracy']:.3f}")
@@ -213,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_bench)
 
-    from .alignment.config import add_config_arguments
+    from .alignment.config import TrainConfig
+    from .options import add_arguments
 
     t = sub.add_parser(
         "train",
@@ -221,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preference-train a diffusers pipeline's UNet on pairs (Pick-a-Pic format or a JSONL folder). "
         "Multi-GPU: accelerate launch -m diffalign.train with the same options.",
     )
-    add_config_arguments(t)
+    add_arguments(t, TrainConfig)
     t.set_defaults(func=_train)
     c = sub.add_parser(
         "calibrate",
