@@ -1,6 +1,7 @@
 """Drop-in diffusers schedulers and the VP-schedule maths they share."""
 
-from .adjoint import adjoint_sample
+from ._base import MODEL_KEYS, eps_from_model_output, keep_model_keys
+from .adjoint import adjoint_sample, model_output
 from .adjoint_scheduler import AdjointDPMScheduler
 from .dc_calibrate import calibrate_dc
 from .dc_solver import DCSolverScheduler
@@ -12,6 +13,10 @@ from .registry import SCHEDULERS, get_scheduler_class, swap_scheduler
 from .schedule import NoiseScheduleVP, time_grid
 
 __all__ = [
+    "MODEL_KEYS",
+    "eps_from_model_output",
+    "keep_model_keys",
+    "model_output",
     "AdjointDPMScheduler",
     "DCSolverScheduler",
     "DPMSolverPPScheduler",
