@@ -53,13 +53,15 @@ class TrainResult:
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation of ``range(n)`` seeded by (seed, epoch): the same on every process and after a resume."""
+    """A permutation of ``range(n)`` seeded by (seed, epoch): the same on every process and after a resume.
+
+    The trainer sets ``epoch`` before each pass. There is deliberately no ``set_epoch`` method: accelerate's prepared
+    loader calls ``set_epoch(its own iteration count)`` on the sampler each time it is iterated, and that count lags
+    behind the trainer's epoch after a ``skip_first_batches`` copy has served the first (or resumed) epoch.
+    """
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.n
@@ -67,6 +69,12 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+def epoch_batches(accelerator: Accelerator, loader, sampler: EpochShuffleSampler, epoch: int, skip: int):
+    """The prepared ``loader``'s batches of ``epoch`` in the order of (seed, epoch), the first ``skip`` left out."""
+    sampler.epoch = epoch
+    return accelerator.skip_first_batches(loader, skip) if skip else loader
 
 
 def pair_timesteps_and_noise(
@@ -363,8 +371,7 @@ def train(config: TrainConfig) -> TrainResult:
     for epoch in range(first_epoch, num_epochs):
         if global_step >= config.max_train_steps:
             break
-        sampler.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch else loader
+        batches = epoch_batches(accelerator, loader, sampler, epoch, skip_batches if epoch == first_epoch else 0)
         for batch in batches:
             with accelerator.accumulate(unet):
                 loss, metrics = step(batch, epoch)

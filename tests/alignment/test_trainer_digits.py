@@ -60,16 +60,17 @@ def test_larger_beta_drifts_less_from_the_reference(tmp_path, pairs_dir):
     assert drift[10000.0] < drift[100.0] / 3  # measured 12x less at 40 steps, batch 16
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path, pairs_dir):
-    common = dict(gradient_accumulation_steps=2, checkpointing_steps=3)
-    full = train(config(tmp_path, pairs_dir, "full", max_train_steps=6, **common)).history
-    train(config(tmp_path, pairs_dir, "resumed", max_train_steps=3, **common))
-    assert (tmp_path / "resumed" / "checkpoint-3" / "trainer_state.json").is_file()
+def test_resume_in_epoch_1_continues_the_same_loss_curve(tmp_path, pairs_dir):
+    """32 pairs, 4 steps per epoch: stopped at step 5 (in epoch 1) and resumed, the curve is the uninterrupted one."""
+    common = dict(max_train_samples=32, train_batch_size=4, gradient_accumulation_steps=2, checkpointing_steps=5)
+    full = train(config(tmp_path, pairs_dir, "full", max_train_steps=10, **common)).history
+    train(config(tmp_path, pairs_dir, "resumed", max_train_steps=5, **common))
+    assert (tmp_path / "resumed" / "checkpoint-5" / "trainer_state.json").is_file()
     resumed = train(
-        config(tmp_path, pairs_dir, "resumed", max_train_steps=6, resume_from_checkpoint="latest", **common)
+        config(tmp_path, pairs_dir, "resumed", max_train_steps=10, resume_from_checkpoint="latest", **common)
     ).history
-    assert [h["step"] for h in resumed] == [4, 5, 6]
-    for a, b in zip(full[3:], resumed, strict=True):
+    assert [h["step"] for h in resumed] == [6, 7, 8, 9, 10]
+    for a, b in zip(full[5:], resumed, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
     assert not list((tmp_path / "resumed").glob(".checkpoint-*"))  # no temporary folders left
 
