@@ -16,12 +16,12 @@ non-finite loss stops the run before the optimizer step, naming the step and the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,14 +31,12 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from .checkpoints import RESUME_KEYS, RunHistory, find_checkpoint, lora_hooks, read_checkpoint, save_checkpoint
 from .config import EMBEDDED_MODEL, TrainConfig
 from .data import ImageTransform, PreferencePairs, collate_pairs, load_source
 from .losses import denoising_errors
 from .methods import get_method
 from .models import DTYPES, Backbone, load_backbone
-
-LORA_CHECKPOINT_NAME = "unet_lora.safetensors"
-TRAINER_STATE_NAME = "trainer_state.json"
 
 
 @dataclass
@@ -90,20 +88,6 @@ def pair_timesteps_and_noise(
     return torch.cat(timesteps), torch.stack(noise)
 
 
-def find_checkpoint(output_dir: Path, which: str) -> Path | None:
-    """``which`` = 'latest' -> the highest ``checkpoint-<step>`` in ``output_dir`` (None if none); else a path."""
-    if which != "latest":
-        path = Path(which)
-        if not (path / TRAINER_STATE_NAME).is_file():
-            raise ValueError(
-                f"--resume_from_checkpoint {which}: no {TRAINER_STATE_NAME} there; pass 'latest' or a "
-                "checkpoint-<step> folder written by diffalign train."
-            )
-        return path
-    found = [p for p in output_dir.glob("checkpoint-*") if (p / TRAINER_STATE_NAME).is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
-
-
 def _set_attention(unet, name: str) -> None:
     if name == "default":
         return
@@ -143,6 +127,16 @@ def _build_dataset(config: TrainConfig, backbone: Backbone, accelerator: Acceler
     return CachedPairs(config.cache_dir)
 
 
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """The LoRA UNet as its frozen base model inside the block; adapters enabled again however the block exits."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
 class _Step:
     """The forward half of a training step: batch -> (loss, metrics) for a method, on one accelerator."""
 
@@ -180,10 +174,8 @@ class _Step:
         kwargs = backbone.unet_kwargs(cond, time_ids, self.weight_dtype)
         with torch.no_grad(), self.accelerator.autocast():
             if self.reference is None:  # LoRA: the reference is the same UNet with its adapters disabled
-                base = self.accelerator.unwrap_model(self.unet)
-                base.disable_adapters()
-                reference_pred = base(noisy.to(self.weight_dtype), timesteps, **kwargs).sample
-                base.enable_adapters()
+                with adapters_disabled(self.accelerator.unwrap_model(self.unet)) as base:
+                    reference_pred = base(noisy.to(self.weight_dtype), timesteps, **kwargs).sample
             else:
                 reference_pred = self.reference(noisy.to(self.weight_dtype), timesteps, **kwargs).sample
         with self.accelerator.autocast():
@@ -191,50 +183,6 @@ class _Step:
         policy_errors = denoising_errors(policy_pred, target)  # (2B,)
         reference_errors = denoising_errors(reference_pred, target)  # (2B,)
         return self.method.loss(policy_errors, reference_errors, self.config)
-
-
-def _lora_hooks(accelerator: Accelerator) -> None:
-    """Checkpoint only the LoRA weights (safetensors) instead of the whole UNet."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            state = get_peft_model_state_dict(accelerator.unwrap_model(models[0]))
-            save_file(
-                {k: v.detach().contiguous() for k, v in state.items()}, os.path.join(output_dir, LORA_CHECKPOINT_NAME)
-            )
-        weights.clear()
-
-    def load_hook(models, input_dir):
-        unet = accelerator.unwrap_model(models.pop())
-        result = set_peft_model_state_dict(unet, load_file(os.path.join(input_dir, LORA_CHECKPOINT_NAME)))
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"checkpoint {input_dir} has LoRA keys this UNet lacks: {result.unexpected_keys[:5]}")
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, limit: int | None) -> Path:
-    """accelerate ``save_state`` into ``.checkpoint-<step>.tmp``, then rename it to ``checkpoint-<step>``."""
-    final, temporary = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (temporary / TRAINER_STATE_NAME).write_text(json.dumps({"global_step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        if limit is not None:
-            done = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            for old in done[: max(0, len(done) - limit)]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def _save_final(config: TrainConfig, backbone: Backbone, unet, output_dir: Path) -> None:
@@ -340,21 +288,25 @@ def train(config: TrainConfig) -> TrainResult:
     )
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     if config.finetune == "lora":
-        _lora_hooks(accelerator)
+        lora_hooks(accelerator)
 
     global_step = 0
     checkpoint = None
+    run_config = dict(dataclasses.asdict(config), num_processes=accelerator.num_processes)
     if config.resume_from_checkpoint is not None:
         checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint)
         if checkpoint is None:
             accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
         else:
+            global_step = read_checkpoint(checkpoint, run_config, RESUME_KEYS)
             accelerator.load_state(str(checkpoint))
-            global_step = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["global_step"]
             accelerator.print(f"resumed from {checkpoint} at step {global_step}")
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers(config.tracker_project_name, config=dataclasses.asdict(config))
 
+    history = RunHistory(output_dir)
+    if accelerator.is_main_process:
+        history.start(global_step)
     step = _Step(config, method, backbone, unet, reference, accelerator, weight_dtype)
     result = TrainResult(output_dir, global_step=global_step)
     steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)  # accelerate syncs at epoch end
@@ -398,11 +350,13 @@ def train(config: TrainConfig) -> TrainResult:
             logs["lr"] = lr_scheduler.get_last_lr()[0]
             sums = {}
             result.history.append({"step": global_step, **logs})
+            if accelerator.is_main_process:
+                history.append(result.history[-1])
             accelerator.log(logs, step=global_step)
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_accuracy']:.2f}")
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                _save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit)
+                save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit, run_config)
             if global_step >= config.max_train_steps:
                 break
     bar.close()
@@ -410,7 +364,7 @@ def train(config: TrainConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _save_final(config, backbone, accelerator.unwrap_model(unet), output_dir)
-        summary = dict(config=dataclasses.asdict(config), history=result.history, skipped_pairs=result.skipped_pairs)
+        summary = dict(config=run_config, history=history.read(), skipped_pairs=result.skipped_pairs)
         (output_dir / "diffalign_train.json").write_text(json.dumps(summary, indent=2))
         if result.skipped_pairs:
             print(f"skipped {result.skipped_pairs} pair reads with missing or corrupt images")

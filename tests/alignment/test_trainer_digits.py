@@ -73,6 +73,15 @@ def test_resume_in_epoch_1_continues_the_same_loss_curve(tmp_path, pairs_dir):
     for a, b in zip(full[5:], resumed, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
     assert not list((tmp_path / "resumed").glob(".checkpoint-*"))  # no temporary folders left
+    # one history across the interruption: history.jsonl and the summary hold steps 1-10
+    lines = [json.loads(line) for line in (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "resumed" / "diffalign_train.json").read_text())
+    assert [h["step"] for h in lines] == [h["step"] for h in summary["history"]] == list(range(1, 11))
+    assert [h["loss"] for h in lines] == pytest.approx([h["loss"] for h in full], abs=1e-6)
+    # a resume that would skip other batches is refused, naming what differs
+    other = dict(common, train_batch_size=8, resume_from_checkpoint="latest")
+    with pytest.raises(ValueError, match=r"train_batch_size: 4 -> 8\)"):
+        train(config(tmp_path, pairs_dir, "resumed", max_train_steps=12, **other))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pairs_dir, monkeypatch):
