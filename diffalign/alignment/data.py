@@ -9,10 +9,13 @@ Two sources, one dataset class:
 - A folder with a JSONL file (default ``pairs.jsonl``) of ``{"prompt": ..., "chosen": ..., "rejected": ...}`` lines
   whose image paths are relative to the folder.
 
-Images are decoded lazily. A pair whose image is missing or corrupt is skipped: the dataset returns the next
-readable pair instead (so every batch keeps its size and every process keeps stepping together), counts the skip
-in the item's ``skipped`` field, and remembers the first errors for the report. If no pair at all is readable it
-raises a ValueError.
+Each source yields ``PreferenceRecord``s (``records.py``): a prompt with K candidate images, candidate 0 the
+preferred one for pairs. Images are decoded lazily. A record whose image is missing or corrupt is skipped: the
+dataset returns the next readable record instead (so every batch keeps its size and every process keeps stepping
+together), counts the skip in the item's ``skipped`` field, and remembers the first errors for the report. If no
+record at all is readable it raises a ValueError. ``collate_preferences`` stacks items into the batch of
+``layout_contract.md``: ``pixels`` (B, K, C, H, W), ``time_ids`` (B, K, 6), optional ``scores`` (B, K), ``index``
+(B,) and ``skipped``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from .records import PreferenceRecord
 
 PICKAPIC_COLUMNS = ("jpg_0", "jpg_1", "label_0", "label_1", "caption")
 
@@ -70,7 +75,7 @@ def _open_image(value, root: Path | None) -> Image.Image:
 
 
 class PickAPicSource:
-    """Rows of a Pick-a-Pic-style ``datasets.Dataset``, ties dropped, as (prompt, winner, loser) on demand."""
+    """Rows of a Pick-a-Pic-style ``datasets.Dataset``, ties dropped, as K = 2 records with the winner first."""
 
     def __init__(self, dataset, origin: str):
         missing = [c for c in PICKAPIC_COLUMNS if c not in dataset.column_names]
@@ -93,11 +98,11 @@ class PickAPicSource:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[str, Image.Image, Image.Image]:
+    def __getitem__(self, i: int) -> PreferenceRecord:
         row = self.dataset[int(self.rows[i])]
-        first, second = _open_image(row["jpg_0"], None), _open_image(row["jpg_1"], None)
-        winner, loser = (first, second) if self.winner_first[i] else (second, first)
-        return row["caption"], winner, loser
+        first, second = row["jpg_0"], row["jpg_1"]
+        images = [first, second] if self.winner_first[i] else [second, first]
+        return PreferenceRecord(row["caption"], images)
 
 
 class JsonlSource:
@@ -116,15 +121,14 @@ class JsonlSource:
                     f"{path} line {number} lacks key(s) {missing}; each line must be "
                     '{"prompt": str, "chosen": image path, "rejected": image path}.'
                 )
-            self.records.append((record["prompt"], record["chosen"], record["rejected"]))
+            self.records.append(PreferenceRecord(record["prompt"], [record["chosen"], record["rejected"]]))
         self.num_ties = 0
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[str, Image.Image, Image.Image]:
-        prompt, chosen, rejected = self.records[i]
-        return prompt, _open_image(chosen, self.root), _open_image(rejected, self.root)
+    def __getitem__(self, i: int) -> PreferenceRecord:
+        return self.records[i]
 
 
 def load_source(dataset: str, split: str = "train", jsonl_name: str = "pairs.jsonl"):
@@ -146,61 +150,80 @@ def load_source(dataset: str, split: str = "train", jsonl_name: str = "pairs.jso
     return PickAPicSource(data, dataset)
 
 
-class PreferencePairs(torch.utils.data.Dataset):
-    """Decoded pairs: ``{"index", "prompt", "pixels_w", "pixels_l", "time_ids_w", "time_ids_l", "skipped"}``.
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Decoded records: ``{"index", "prompt", "pixels" (K, C, H, W), "time_ids" (K, 6), "skipped"}`` plus
+    ``"scores"`` (K,) when the source has them.
 
-    ``index`` is the requested index (it seeds the pair's timestep and noise); when that pair is unreadable the
-    next readable one is returned and ``skipped`` counts the unreadable pairs passed over.
+    ``index`` is the requested index (it seeds the record's timestep and noise); when that record is unreadable the
+    next readable one is returned and ``skipped`` counts the unreadable records passed over.
     """
 
     def __init__(self, source, transform: ImageTransform, max_samples: int | None = None):
         self.source, self.transform = source, transform
+        self.root = getattr(source, "root", None)
         self.length = len(source) if max_samples is None else min(max_samples, len(source))
         self.errors: list[str] = []
         if self.length == 0:
-            raise ValueError(f"the dataset has no preference pairs ({getattr(source, 'num_ties', 0)} ties dropped).")
+            raise ValueError(f"the dataset has no preference records ({getattr(source, 'num_ties', 0)} ties dropped).")
 
     def __len__(self) -> int:
         return self.length
+
+    def decode(self, record: PreferenceRecord) -> dict:
+        """A record's tensors: pixels (K, C, H, W), time_ids (K, 6) and the optional extras."""
+        decoded = [self.transform(_open_image(image, self.root)) for image in record.images]
+        item = dict(
+            prompt=record.prompt,
+            pixels=torch.stack([pixels for pixels, _ in decoded]),  # (K, C, H, W)
+            time_ids=torch.stack([time_ids for _, time_ids in decoded]),  # (K, 6)
+        )
+        if record.scores is not None:
+            item["scores"] = torch.tensor(record.scores, dtype=torch.float32)  # (K,)
+        return item
 
     def __getitem__(self, index: int) -> dict:
         for skipped in range(self.length):
             i = (index + skipped) % self.length
             try:
-                prompt, winner, loser = self.source[i]
-                (pixels_w, time_ids_w), (pixels_l, time_ids_l) = self.transform(winner), self.transform(loser)
+                item = self.decode(self.source[i])
             except (OSError, ValueError, TypeError, SyntaxError) as error:  # PIL raises these for bad files
                 if len(self.errors) < 5:
-                    self.errors.append(f"pair {i}: {type(error).__name__}: {error}")
+                    self.errors.append(f"record {i}: {type(error).__name__}: {error}")
                 continue
-            return dict(
-                index=index,
-                prompt=prompt,
-                pixels_w=pixels_w,
-                pixels_l=pixels_l,
-                time_ids_w=time_ids_w,
-                time_ids_l=time_ids_l,
-                skipped=skipped,
-            )
+            return dict(index=index, skipped=skipped, **item)
         raise ValueError(
-            f"none of the {self.length} preference pairs has two readable images (missing or corrupt files); "
+            f"none of the {self.length} preference records has readable images (missing or corrupt files); "
             f"first errors: {self.errors}. Check the image columns / paths of the dataset."
         )
 
 
-def collate_pairs(items: list[dict]) -> dict:
-    """Stack a list of pair dicts: tensors along a new batch axis, prompts as a list, ``skipped`` summed."""
+def collate_preferences(items: list[dict]) -> dict:
+    """Stack dataset items into the preference batch: tensors (B, K, ...), ``cond`` tensors (B, ...), prompts as a
+    list, ``index`` (B,) int64, ``skipped`` summed. Every item must carry the same keys (one dataset, one K)."""
+    keys = set(items[0])
+    for item in items[1:]:
+        if set(item) != keys:
+            raise ValueError(
+                f"cannot batch records with different fields: {sorted(keys)} vs {sorted(item)}; every record of a "
+                "dataset must have the same optional fields (scores, weight_maps, labels)."
+            )
     batch = {}
     for key in items[0]:
         values = [item[key] for item in items]
         if key == "skipped":
             batch[key] = sum(values)
-        elif isinstance(values[0], torch.Tensor):
-            batch[key] = torch.stack(values)
+        elif key == "index":
+            batch[key] = torch.tensor(values, dtype=torch.int64)
+        elif key == "prompt":
+            batch[key] = list(values)
         elif isinstance(values[0], dict):
-            batch[key] = {k: torch.stack([v[k] for v in values]) for k in values[0]}
-        elif isinstance(values[0], int):
-            batch[key] = torch.tensor(values)
+            batch[key] = {name: torch.stack([value[name] for value in values]) for name in values[0]}
         else:
-            batch[key] = values
+            shapes = {tuple(value.shape) for value in values}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"cannot batch {key!r} of shapes {sorted(shapes)}: every record of a dataset needs the same "
+                    "number of candidates K (and of labels)."
+                )
+            batch[key] = torch.stack(values)
     return batch
