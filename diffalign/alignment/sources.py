@@ -164,10 +164,8 @@ def _undecoded(dataset, layout: TableLayout):
         feature = dataset.features[name] if dataset.features is not None else None
         if isinstance(feature, ImageFeature):
             dataset = dataset.cast_column(name, ImageFeature(decode=False))
-        elif isinstance(feature, Sequence) and isinstance(feature.feature, ImageFeature):
+        elif isinstance(getattr(feature, "feature", None), ImageFeature):  # a list of images (List / Sequence)
             dataset = dataset.cast_column(name, Sequence(ImageFeature(decode=False)))
-        elif isinstance(feature, list) and feature and isinstance(feature[0], ImageFeature):
-            dataset = dataset.cast_column(name, [ImageFeature(decode=False)])
     return dataset
 
 

@@ -52,3 +52,18 @@ def write_jsonl_pairs(folder: Path, num_pairs: int = 4, size: tuple[int, int] = 
         lines.append(json.dumps(record))
     (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def write_ranked_parquet(path: Path, num_rows: int = 4, k: int = 3, size: tuple[int, int] = (12, 10)) -> Path:
+    """A parquet file with ``prompt``, an ``images`` list column of K PNGs and ``scores`` (K,): row r image j has
+    seed 10 r + j and score r - j / 10."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = {
+        "prompt": [f"prompt {r}" for r in range(num_rows)],
+        "images": [[png_bytes(10 * r + j, size) for j in range(k)] for r in range(num_rows)],
+        "scores": [[r - j / 10 for j in range(k)] for r in range(num_rows)],
+    }
+    pq.write_table(pa.table(table), path)
+    return path
