@@ -10,6 +10,7 @@ A subclass implements ``score_batch`` on one batch.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,26 @@ def folder_version(folder: str | Path) -> str:
     return f"{Path(folder).resolve()}#sha256:{content_hash(folder)}"
 
 
+def converted_dir(name: str) -> Path:
+    """Where ``scripts/convert_reward_checkpoint.py --kind NAME`` writes a converted reward by default and where
+    ``load_reward(NAME)`` looks for it: ``$DIFFALIGN_REWARDS_DIR/NAME`` (default ``~/.cache/diffalign/rewards``)."""
+    return Path(os.environ.get("DIFFALIGN_REWARDS_DIR", "~/.cache/diffalign/rewards")).expanduser() / name
+
+
+def converted_source(name: str, source: str | None) -> str:
+    """``source``, or the default converted folder of reward ``name`` with a clear error when it was never made."""
+    if source is not None:
+        return source
+    folder = converted_dir(name)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"the {name} reward is published only as a pickled checkpoint and has not been converted here; run "
+            f"`python scripts/convert_reward_checkpoint.py --kind {name}` once (it writes {folder}), or pass "
+            f"load_reward('{name}:FOLDER') for a converted folder."
+        )
+    return str(folder)
+
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 WEIGHT_PATTERNS = ("*.json", "*.txt", "*.safetensors")
 
@@ -110,7 +131,7 @@ def refuse_pickle(source: str) -> None:
     if str(source).lower().endswith(PICKLE_SUFFIXES):
         raise ValueError(
             f"{source} is a pickled checkpoint; reward models load safetensors only. Convert it once with "
-            "`python scripts/convert_reward_checkpoint.py KIND SOURCE OUT_DIR` (it reads with "
+            "`python scripts/convert_reward_checkpoint.py --kind KIND --checkpoint FILE --out DIR` (it reads with "
             "torch.load(weights_only=True)) and load the written folder, e.g. load_reward('hpsv2.1:OUT_DIR')."
         )
 
