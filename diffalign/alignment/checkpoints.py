@@ -42,6 +42,7 @@ RESUME_KEYS = (
     "num_processes",
 )
 """Keys whose change would make a resumed run skip other batches or optimise another objective."""
+GLOBAL_BATCH_KEYS = ("train_batch_size", "num_processes")
 
 
 def numbered_checkpoints(output_dir: Path) -> list[Path]:
@@ -88,20 +89,32 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None,
     return final
 
 
-def read_checkpoint(checkpoint: Path, run_config: dict, keys: tuple[str, ...]) -> int:
-    """The global step of ``checkpoint``; a ValueError naming every key of ``keys`` whose saved value differs from
-    ``run_config`` (a checkpoint written before configs were saved is accepted as it is)."""
+def read_checkpoint(checkpoint: Path, run_config: dict, keys: tuple[str, ...]) -> tuple[int, str | None]:
+    """(global step of ``checkpoint``, a note when the run is converted) after comparing its saved config with
+    ``run_config`` on ``keys``: a ValueError names every differing key. One difference converts exactly and is
+    accepted: another process count at the same global micro-batch (train_batch_size x num_processes), since the
+    processes' batches then cover the same records per micro-step. A checkpoint written before configs were saved
+    is accepted as it is."""
     state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
-    saved = state.get("config")
-    if saved is not None:
-        differing = [k for k in keys if saved.get(k) != run_config.get(k)]
-        if differing:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in differing)
-            raise ValueError(
-                f"cannot resume from {checkpoint}: the run would continue differently ({details}). Resume with the "
-                "checkpoint's values, or start a new run in another --output_dir."
-            )
-    return int(state["global_step"])
+    step, saved = int(state["global_step"]), state.get("config")
+    if saved is None:
+        return step, None
+    differing = [k for k in keys if saved.get(k) != run_config.get(k)]
+    if not differing:
+        return step, None
+    if set(differing) <= set(GLOBAL_BATCH_KEYS) and _global_batch(saved) == _global_batch(run_config):
+        note = " and ".join(f"{k} {saved[k]} -> {run_config[k]}" for k in differing)
+        return step, f"converted {note} (same global micro-batch of {_global_batch(saved)} records)"
+    details = ", ".join(f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in differing)
+    raise ValueError(
+        f"cannot resume from {checkpoint}: the run would continue differently ({details}). Resume with the "
+        "checkpoint's values (a process count may change at the same train_batch_size x num_processes), or start "
+        "a new run in another --output_dir."
+    )
+
+
+def _global_batch(config: dict) -> int:
+    return config["train_batch_size"] * config["num_processes"]
 
 
 class RunHistory:

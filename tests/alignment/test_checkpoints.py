@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffalign.alignment.checkpoints import RunHistory, find_checkpoint, numbered_checkpoints, read_checkpoint
-from diffalign.alignment.trainer import adapters_disabled
+from diffalign.alignment.step import adapters_disabled
 from diffalign.pipelines.digits import load_digits_pipeline
 
 
@@ -27,10 +27,15 @@ def test_resume_with_another_batch_or_method_is_refused_naming_the_keys(tmp_path
     saved = dict(train_batch_size=8, gradient_accumulation_steps=2, num_processes=1, method="dpo", learning_rate=1e-3)
     write_state(tmp_path / "checkpoint-4", 4, saved)
     keys = ("train_batch_size", "gradient_accumulation_steps", "num_processes", "method")
-    assert read_checkpoint(tmp_path / "checkpoint-4", dict(saved, learning_rate=1e-4), keys) == 4
-    changed = dict(saved, train_batch_size=4, num_processes=2)
-    with pytest.raises(ValueError, match=r"train_batch_size: 8 -> 4, num_processes: 1 -> 2\)"):
+    assert read_checkpoint(tmp_path / "checkpoint-4", dict(saved, learning_rate=1e-4), keys) == (4, None)
+    changed = dict(saved, train_batch_size=4, num_processes=4)
+    with pytest.raises(ValueError, match=r"train_batch_size: 8 -> 4, num_processes: 1 -> 4\)"):
         read_checkpoint(tmp_path / "checkpoint-4", changed, keys)
+    with pytest.raises(ValueError, match=r"\(method: 'dpo' -> 'smpo'\)"):
+        read_checkpoint(tmp_path / "checkpoint-4", dict(saved, method="smpo"), keys)
+    # 2 processes x 4 records = 1 process x 8 records per micro-step: the same records, converted exactly
+    step, note = read_checkpoint(tmp_path / "checkpoint-4", dict(saved, train_batch_size=4, num_processes=2), keys)
+    assert step == 4 and note.startswith("converted train_batch_size 8 -> 4 and num_processes 1 -> 2 (same global")
 
 
 def test_history_keeps_the_steps_up_to_the_resume_and_appends(tmp_path):

@@ -1,8 +1,9 @@
 """Two CPU processes (torchrun + gloo) give the same loss curve as one process at the same global batch, also when
-the two-process run is interrupted in epoch 1 and resumed."""
+the two-process run is interrupted in epoch 1 and resumed with two processes, or with one (converted)."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -45,8 +46,13 @@ def test_two_processes_resumed_in_epoch_1_match_one_process(tmp_path):
     run(launcher + [str(free_port())] + two + ["--max_train_steps", "5"])
     # both processes wrote their RNG state into one checkpoint: a real 2-process group, not two 1-process runs
     assert (tmp_path / "two" / "checkpoint-5" / "random_states_1.pkl").is_file()
+    shutil.copytree(tmp_path / "two", tmp_path / "converted")
     run(launcher + [str(free_port())] + two + ["--max_train_steps", "8", "--resume_from_checkpoint", "latest"])
+    converted = [sys.executable, "-m", "diffalign.train", "--dataset", str(pairs), "--train_batch_size", "8"]
+    converted += ["--output_dir", str(tmp_path / "converted"), "--max_train_steps", "8"]
+    run(converted + ["--resume_from_checkpoint", "latest"])
     losses_two, losses_one = history(tmp_path / "two"), history(tmp_path / "one")  # the resume appended 6-8
     assert len(losses_two) == len(losses_one) == 8
     assert losses_two == pytest.approx(losses_one, abs=1e-4)  # measured max difference 2e-6
+    assert history(tmp_path / "converted") == pytest.approx(losses_one, abs=1e-4)  # 2 x 4 -> 1 x 8 records
     assert max(abs(a - losses_one[0]) for a in losses_one) > 1e-2  # the curve moves, so the match means something

@@ -86,14 +86,14 @@ def test_resume_in_epoch_1_continues_the_same_loss_curve(tmp_path, pairs_dir):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pairs_dir, monkeypatch):
     calls = {"n": 0}
-    original = trainer_module._Step.__call__
+    original = trainer_module.PreferenceStep.__call__
 
     def poisoned(self, batch, epoch):
         loss, metrics = original(self, batch, epoch)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 3 else loss), metrics
 
-    monkeypatch.setattr(trainer_module._Step, "__call__", poisoned)
+    monkeypatch.setattr(trainer_module.PreferenceStep, "__call__", poisoned)
     with pytest.raises(FloatingPointError, match="at step 3.*checkpoint-2"):
         train(config(tmp_path, pairs_dir, "nan", max_train_steps=5, checkpointing_steps=1))
     assert json.loads((tmp_path / "nan" / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
@@ -128,7 +128,7 @@ def test_corrupt_images_are_skipped_and_all_corrupt_is_an_error(tmp_path, pairs_
 
     for i in range(16):
         (tmp_path / f"images/{i}_rejected.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(ValueError, match="none of the 16 preference pairs has two readable images"):
+    with pytest.raises(ValueError, match="none of the 16 preference records has readable images"):
         train(config(tmp_path, tmp_path, "all_bad", max_train_steps=1))
 
 
