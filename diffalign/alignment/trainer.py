@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .checkpoints import RESUME_KEYS, RunHistory, find_checkpoint, lora_hooks, read_checkpoint, save_checkpoint
 from .config import EMBEDDED_MODEL, TrainConfig
 from .data import collate_preferences, load_preferences
-from .methods import build_method, method_options
+from .methods import PreferenceMethod, build_method, method_options
 from .models import DTYPES, Backbone, load_backbone
 from .step import PreferenceStep
 
@@ -88,6 +88,8 @@ def _set_attention(unet, name: str) -> None:
 
 
 def build_dataset(config: TrainConfig, backbone: Backbone, accelerator: Accelerator):
+    """The decoded records of ``--dataset`` (digits-cond without one: pairs of its own samples), or their latent
+    cache in ``--cache_dir`` (built first if needed)."""
     dataset_path = config.dataset
     if dataset_path is None:
         if config.pretrained_model_name_or_path != EMBEDDED_MODEL:
@@ -149,6 +151,7 @@ def save_final(config: TrainConfig, backbone: Backbone, unet, output_dir: Path) 
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The run's accelerator (accumulation, mixed precision, trackers); the main process creates the output folder."""
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -200,6 +203,7 @@ def prepare_models(config: TrainConfig, backbone: Backbone, accelerator: Acceler
 
 
 def make_loader(config: TrainConfig, dataset) -> tuple[torch.utils.data.DataLoader, EpochShuffleSampler]:
+    """Full batches of ``--train_batch_size`` records in the (seed, epoch) order of an ``EpochShuffleSampler``."""
     sampler = EpochShuffleSampler(len(dataset), config.seed)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -243,7 +247,7 @@ class Run:
 
     config: TrainConfig
     accelerator: Accelerator
-    method: object
+    method: PreferenceMethod
     unet: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
