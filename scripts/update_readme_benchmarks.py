@@ -54,6 +54,16 @@ def model_section(model: str, out: Path) -> str:
     )
 
 
+def splice(page: str, out: Path) -> str:
+    """``page`` with the text between the markers rebuilt from the bench outputs in ``out``."""
+    if START not in page or END not in page:
+        raise SystemExit(f"{PAGE} lacks the {START} / {END} markers.")
+    head, rest = page.split(START, 1)
+    _, tail = rest.split(END, 1)
+    sections = "\n".join(model_section(model, out) for model in PAGE_MODELS)
+    return f"{head}{START}\n{sections}{END}{tail}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(PAGE_MODELS), choices=PAGE_MODELS, help="models to rerun")
@@ -66,13 +76,7 @@ def main() -> None:
     if not args.render_only:
         for model in args.models:
             run_bench(model, out)
-    page = PAGE.read_text()
-    if START not in page or END not in page:
-        raise SystemExit(f"{PAGE} lacks the {START} / {END} markers.")
-    head, rest = page.split(START, 1)
-    _, tail = rest.split(END, 1)
-    sections = "\n".join(model_section(model, out) for model in PAGE_MODELS)
-    PAGE.write_text(f"{head}{START}\n{sections}{END}{tail}")
+    PAGE.write_text(splice(PAGE.read_text(), out))
     print(f"updated {PAGE.relative_to(ROOT)} from {args.out} ({', '.join(PAGE_MODELS)})")
 
 
