@@ -77,10 +77,15 @@ def _gaussian_step(
     generator,
     prev_sample: torch.Tensor | None,
     noise_like: torch.Tensor,
+    sample_dtype: torch.dtype,
     reduction: Reduction,
     deterministic_hint: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw x_{t-1} = mean + std * noise (or take ``prev_sample``) and score it: (B, ...) -> (sample, (B,) log p)."""
+    """Draw x_{t-1} = mean + std * noise (or take ``prev_sample``) and score it: (B, ...) -> (sample, (B,) log p).
+
+    A drawn x_{t-1} is cast to ``sample_dtype`` before it is scored, so that rescoring the stored (e.g. bfloat16)
+    latent with ``prev_sample=`` gives the same log-probability.
+    """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}; use 'mean' (as the official D3PO code) or 'sum'.")
     if (std < 1e-8).any():  # diffusers clamps DDPM variances at 1e-20: sigma_t = 1e-10 is a deterministic step
@@ -93,7 +98,7 @@ def _gaussian_step(
         variance_noise = randn_tensor(
             noise_like.shape, generator=generator, device=noise_like.device, dtype=noise_like.dtype
         )
-        prev_sample = mean + std * variance_noise
+        prev_sample = (mean + std * variance_noise).to(sample_dtype)
     elif prev_sample.shape != mean.shape:
         raise ValueError(f"prev_sample has shape {tuple(prev_sample.shape)}, expected {tuple(mean.shape)}.")
     # log N(x; mu, sigma^2) per element, x detached as in the official code: gradients flow through mu only
@@ -121,8 +126,8 @@ def ddim_step_with_logprob(
     grid); ``eta`` > 0 (D3PO samples with eta = 1). With ``prev_sample`` given, that x_{t-1} (e.g. stored during a
     rollout) is scored instead of drawing one: the D3PO ratio needs log pi_theta of the x_{t-1} drawn from the
     sampling policy. The sample (``prev_sample`` drawn with ``generator``) equals ``scheduler.step(model_output,
-    timestep, sample, eta=eta, generator=generator).prev_sample``; the maths runs in float32 and x_{t-1} comes back in
-    the sample's dtype. ``reduction``: see the module docstring.
+    timestep, sample, eta=eta, generator=generator).prev_sample``; the maths runs in float32 and a drawn x_{t-1}
+    comes back in the sample's dtype. ``reduction``: see the module docstring.
 
     The previous timestep is t - num_train_timesteps // num_inference_steps, its a_prev ``final_alpha_cumprod`` below
     0, as in diffusers. A last step to a_prev = 1 (``set_alpha_to_one=True``) has sigma_t = 0 and raises.
@@ -156,10 +161,11 @@ def ddim_step_with_logprob(
         generator,
         prev_sample,
         model_output,
+        sample.dtype,
         reduction,
         "build the scheduler with set_alpha_to_one=False so that the last DDIM step keeps some noise.",
     )
-    return prev_sample.to(sample.dtype), log_prob
+    return prev_sample, log_prob
 
 
 def _ddpm_previous_timesteps(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
@@ -223,10 +229,11 @@ def ddpm_step_with_logprob(
         generator,
         prev_sample,
         model_output,
+        sample.dtype,
         reduction,
         "the DDPM step at t = 0 (or onto a_prev = 1) adds no noise; score only the steps before it.",
     )
-    return prev_sample.to(sample.dtype), log_prob
+    return prev_sample, log_prob
 
 
 @torch.no_grad()
@@ -274,4 +281,4 @@ def ddim_sample_with_logprob(
         )
         trajectory.append(latents)
         log_probs.append(log_prob)
-    return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), scheduler.timesteps
+    return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), scheduler.timesteps.clone()

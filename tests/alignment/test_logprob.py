@@ -173,6 +173,17 @@ def test_log_prob_gradient_flows_through_the_model_output_only():
     assert output.grad.abs().sum() > 0
 
 
+def test_half_precision_latents_are_scored_as_stored():
+    scheduler = ddim_scheduler("epsilon")
+    output, x = model_output_and_sample(8)
+    x = x.bfloat16()
+    t = scheduler.timesteps[5]
+    prev, log_prob = ddim_step_with_logprob(scheduler, output, t, x, generator=torch.Generator().manual_seed(1))
+    assert prev.dtype == torch.bfloat16 and log_prob.dtype == torch.float32
+    _, rescored = ddim_step_with_logprob(scheduler, output, t, x, prev_sample=prev)
+    torch.testing.assert_close(rescored, log_prob, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def digits_cond():
     threads = torch.get_num_threads()
