@@ -4,8 +4,19 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+try:
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:  # transformers 4
+    from transformers import CLIPImageProcessor
 
 from diffalign.evaluation.rewards import REWARDS, RewardModel, load_reward
 from diffalign.evaluation.rewards.base import to_pil_images
@@ -73,3 +84,124 @@ def test_load_reward_errors(tmp_path):
             load_reward(name)
     with pytest.raises(ValueError, match="'pickscore:"):
         load_reward(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tiny random-weight hub rewards, built offline
+
+
+def write_tiny_clip_tokenizer(folder: Path) -> int:
+    """A byte-level BPE vocabulary of printable ASCII (+ "</w>" forms) and no merges; returns its size."""
+    chars = [chr(code) for code in range(ord("!"), ord("~") + 1)]  # byte-level BPE maps these bytes to themselves
+    tokens = chars + [char + "</w>" for char in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return len(tokens)
+
+
+def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    folder.mkdir(parents=True)
+    vocab_size = write_tiny_clip_tokenizer(folder)
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    text = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
+    )
+    text.update(max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
+    vision = dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=37, num_hidden_layers=2)
+    config = CLIPConfig(text_config=text, vision_config={**vision, "num_attention_heads": 4}, projection_dim=16)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor().save_pretrained(folder)  # transformers' defaults = the published CLIP preprocessing
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return build_tiny_clip(tmp_path_factory.mktemp("rewards") / "tiny_clip")
+
+
+def sample_images(n: int = 5, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, 40, 56, generator=generator)  # (N, 3, H, W) in [0, 1], not square
+    prompts = ["a red cube", "two dogs", "a handwritten 7", "x", "a very long prompt " * 20][:n]
+    return images, prompts
+
+
+def assert_reward_contract(reward, images, prompts):
+    """(N,) float32; batched == one at a time; image i is scored with prompt i; prompts matter unless ignored."""
+    scores = reward.score(images, prompts)
+    assert scores.shape == (len(prompts),) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    batch_size, reward.batch_size = reward.batch_size, 1
+    one_by_one = reward.score(images, prompts)
+    reward.batch_size = batch_size
+    torch.testing.assert_close(one_by_one, scores, atol=1e-5, rtol=1e-5)
+    order = list(range(len(prompts)))[::-1]
+    reversed_scores = reward.score(
+        images[order] if isinstance(images, torch.Tensor) else [images[i] for i in order], [prompts[i] for i in order]
+    )
+    torch.testing.assert_close(reversed_scores, scores[order], atol=1e-5, rtol=1e-5)
+    return scores
+
+
+# Published CLIP preprocessing (openai/clip-vit-large-patch14 and laion/CLIP-ViT-H-14-laion2B-s32B-b79K
+# preprocessor_config.json; OpenAI CLIP `_transform`; ImageReward `_transform(224)`; open_clip OPENAI_DATASET_MEAN/STD)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_SIZE = 224
+
+
+def published_clip_transform(image: Image.Image) -> torch.Tensor:
+    """Shortest side to 224 (PIL bicubic; the long side truncated, as torchvision ``Resize(224)``), centre-crop 224,
+    scale to [0, 1], normalise with the CLIP mean/std: (3, 224, 224)."""
+    width, height = image.size
+    scale = CLIP_SIZE / min(width, height)
+    resized = image.resize((int(width * scale), int(height * scale)), Image.BICUBIC)
+    left, top = (resized.width - CLIP_SIZE) // 2, (resized.height - CLIP_SIZE) // 2
+    pixels = np.asarray(resized.crop((left, top, left + CLIP_SIZE, top + CLIP_SIZE)), dtype=np.float32) / 255.0
+    return (torch.from_numpy(pixels).permute(2, 0, 1) - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(
+        CLIP_STD
+    )[:, None, None]
+
+
+def test_clip_score_and_pickscore_on_tiny_clip(tiny_clip):
+    images, prompts = sample_images()
+    clip = load_reward(f"clip:{tiny_clip}")
+    pick = load_reward(f"pickscore:{tiny_clip}")
+    assert clip.version == pick.version and clip.version.startswith(f"{tiny_clip.resolve()}#sha256:")
+    clip_scores = assert_reward_contract(clip, images, prompts)
+    pick_scores = assert_reward_contract(pick, to_pil_images(images), prompts)
+
+    # against CLIPModel's own forward: logits_per_image = exp(logit_scale) * cos(image, text)
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    pixels = torch.stack([published_clip_transform(image) for image in to_pil_images(images)])  # (N, 3, 224, 224)
+    tokens = clip.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(pixel_values=pixels, **tokens).logits_per_image.diagonal()  # (N,)
+    torch.testing.assert_close(pick_scores, logits, atol=1e-4, rtol=1e-4)  # PickScore = exp(s) cos
+    cosine = logits / model.logit_scale.exp()
+    torch.testing.assert_close(clip_scores, (100 * cosine).clamp(min=0), atol=1e-3, rtol=1e-4)  # 100 max(cos, 0)
+    # prompt i belongs to image i: rolling the prompts changes the scores
+    assert not torch.allclose(clip.score(images, prompts[1:] + prompts[:1]), clip_scores, atol=1e-3)
+
+
+def test_clip_preprocessing_matches_the_published_constants(tiny_clip):
+    clip = load_reward(f"clip:{tiny_clip}")
+    processor = clip.image_processor
+    assert processor.size["shortest_edge"] == CLIP_SIZE
+    assert (processor.crop_size["height"], processor.crop_size["width"]) == (CLIP_SIZE, CLIP_SIZE)
+    assert processor.resample == Image.BICUBIC and processor.do_center_crop and processor.do_normalize
+    np.testing.assert_allclose(processor.image_mean, CLIP_MEAN, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(processor.image_std, CLIP_STD, rtol=0, atol=1e-8)
+    image = to_pil_images(sample_images(1)[0])[0]
+    pixels = processor(images=[image], return_tensors="pt")["pixel_values"][0]  # (3, 224, 224)
+    torch.testing.assert_close(pixels, published_clip_transform(image), atol=1e-5, rtol=0)
+
+
+def test_pickscore_takes_a_separate_processor(tiny_clip, tmp_path):
+    model_only = tmp_path / "model_only"
+    CLIPModel.from_pretrained(tiny_clip).save_pretrained(model_only)
+    with pytest.raises(FileNotFoundError, match="processor=FOLDER_OR_HUB_ID"):
+        load_reward(f"pickscore:{model_only}")
+    reward = load_reward(f"pickscore:{model_only}", processor=str(tiny_clip))
+    assert f"(processor {tiny_clip.resolve()}#sha256:" in reward.version
+    assert reward.score(*sample_images(2)).shape == (2,)
