@@ -4,14 +4,27 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import importlib.util
 import json
+import pickle
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from safetensors.torch import save_file
+from transformers import (
+    BertTokenizerFast,
+    BlipConfig,
+    BlipTextConfig,
+    BlipVisionConfig,
+    CLIPConfig,
+    CLIPModel,
+    CLIPTokenizer,
+)
 
 try:
     from transformers import CLIPImageProcessorPil as CLIPImageProcessor
@@ -19,8 +32,12 @@ except ImportError:  # transformers 4
     from transformers import CLIPImageProcessor
 
 from diffalign.evaluation.rewards import REWARDS, RewardModel, load_reward
+from diffalign.evaluation.rewards.aesthetic import AestheticMLP
 from diffalign.evaluation.rewards.base import to_pil_images
+from diffalign.evaluation.rewards.imagereward import ImageRewardModel
 from diffalign.pipelines.digits import load_digits_data
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "convert_reward_checkpoint.py"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # digits: log p(prompted digit)
@@ -205,3 +222,127 @@ def test_pickscore_takes_a_separate_processor(tiny_clip, tmp_path):
     reward = load_reward(f"pickscore:{model_only}", processor=str(tiny_clip))
     assert f"(processor {tiny_clip.resolve()}#sha256:" in reward.version
     assert reward.score(*sample_images(2)).shape == (2,)
+
+
+def run_convert_script(*argv: str) -> int:
+    spec = importlib.util.spec_from_file_location("convert_reward_checkpoint", SCRIPT)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.main(list(argv))
+
+
+def test_aesthetic_predictor_from_a_converted_pth(tiny_clip, tmp_path):
+    torch.manual_seed(1)
+    mlp = AestheticMLP(16)  # the tiny CLIP's projection_dim
+    torch.save(mlp.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    assert run_convert_script(
+        "--kind", "aesthetic", "--checkpoint", str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"),
+        "--out", str(tmp_path / "aesthetic"),
+    ) == 0  # fmt: skip
+    reward = load_reward(f"aesthetic:{tmp_path / 'aesthetic'}", clip=str(tiny_clip))
+    assert reward.version.startswith(f"mlp {(tmp_path / 'aesthetic').resolve()}#sha256:")
+    assert reward.version.endswith(f"clip {tiny_clip.resolve()}#sha256:{reward.version.rsplit(':', 1)[-1]}")
+    images, prompts = sample_images(4)
+    scores = assert_reward_contract(reward, images, prompts)
+    torch.testing.assert_close(reward.score(images, ["ignored"] * 4), scores, atol=0, rtol=0)  # prompts unused
+    # MLP(E_I / |E_I|) with the projected CLIP image embedding
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    pixels = torch.stack([published_clip_transform(image) for image in to_pil_images(images)])
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=pixels)
+        features = getattr(features, "pooler_output", features)
+        expected = mlp.eval()(features / features.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="aesthetic_mlp.safetensors"):
+        load_reward(f"aesthetic:{tmp_path}", clip=str(tiny_clip))
+    mlp_768 = tmp_path / "mlp768"
+    mlp_768.mkdir()
+    save_file(AestheticMLP(768).state_dict(), mlp_768 / "aesthetic_mlp.safetensors")
+    with pytest.raises(ValueError, match="768-D features"):
+        load_reward(f"aesthetic:{mlp_768}", clip=str(tiny_clip))
+
+
+def original_imagereward_state_dict(model: ImageRewardModel) -> dict[str, torch.Tensor]:
+    """``model``'s weights under the names of the published ``ImageReward.pt`` (BLIP ``vit.py`` / ``med.py``)."""
+    renames = [  # transformers BlipVisionModel -> Salesforce BLIP VisionTransformer
+        (r"^embeddings\.class_embedding$", "cls_token"),
+        (r"^embeddings\.position_embedding$", "pos_embed"),
+        (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
+        (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+        (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
+        (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
+        (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
+        (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+        (r"^post_layernorm\.", "norm."),
+    ]
+    state = {}
+    for key, value in model.vision_model.state_dict().items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        state[f"blip.visual_encoder.{key}"] = value.clone()
+    state.update({f"blip.text_encoder.{key}": value.clone() for key, value in model.text_encoder.state_dict().items()})
+    state.update({f"mlp.{key}": value.clone() for key, value in model.mlp.state_dict().items()})
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(64)[None]  # buffers and heads it drops
+    state["blip.vision_proj.weight"] = torch.zeros(8, 64)
+    return state
+
+
+def test_imagereward_from_a_converted_checkpoint(tmp_path):
+    words = ["a", "red", "cube", "two", "dogs", "handwritten", "7", "x", "very", "long", "prompt"]
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    BertTokenizerFast(str(tmp_path / "bert" / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    med_config = {  # the published med_config.json's fields, tiny sizes; vocab = BERT + [DEC] + [ENC]
+        "vocab_size": 5 + len(words) + 2, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 37, "max_position_embeddings": 64, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+        "pad_token_id": 0, "add_cross_attention": True, "encoder_width": 64,
+    }  # fmt: skip
+    (tmp_path / "med_config.json").write_text(json.dumps(med_config))
+    vision = BlipVisionConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1, image_size=224, patch_size=32
+    )
+    text = BlipTextConfig(**{k: med_config[k] for k in list(med_config)[:8]}, encoder_hidden_size=64)
+    torch.manual_seed(2)
+    original = ImageRewardModel(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
+    torch.save({"state_dict": original_imagereward_state_dict(original)}, tmp_path / "ImageReward.pt")
+    out = tmp_path / "imagereward"
+    assert run_convert_script(
+        "--kind", "imagereward", "--checkpoint", str(tmp_path / "ImageReward.pt"),
+        "--med_config", str(tmp_path / "med_config.json"), "--tokenizer", str(tmp_path / "bert"), "--out", str(out),
+    ) == 0  # fmt: skip
+    source = json.loads((out / "reward_source.json").read_text())
+    assert source["dropped_keys"] == ["blip.text_encoder.embeddings.position_ids", "blip.vision_proj.weight"]
+    reward = load_reward(f"imagereward:{out}")
+    assert reward.version.startswith(f"{out.resolve()}#sha256:")
+    for key, value in original.state_dict().items():  # every tensor landed where transformers' BLIP reads it
+        torch.testing.assert_close(reward.model.state_dict()[key], value, atol=0, rtol=0)
+    vision_config = reward.model.vision_model.config
+    assert (vision_config.num_attention_heads, vision_config.layer_norm_eps, vision_config.image_size) == (
+        1,
+        1e-6,
+        224,
+    )
+    images, prompts = sample_images(4)
+    scores = assert_reward_contract(reward, images, prompts)
+    assert not torch.allclose(reward.score(images, prompts[1:] + prompts[:1]), scores, atol=1e-4)
+    # ImageReward.score: (MLP(h_[CLS]) - mean) / std, prompt tokens padded to 35 with [CLS] first
+    tokens = reward.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    assert tokens["input_ids"].shape == (4, 35) and (tokens["input_ids"][:, 0] == 2).all()
+    pixels = torch.stack([published_clip_transform(image) for image in to_pil_images(images)])
+    with torch.no_grad():
+        raw = original.eval()(pixels, tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(scores, (raw - 0.16717362830052426) / 1.0333394966054072, atol=1e-5, rtol=1e-5)
+    # the preprocessing is ImageReward's _transform(224): the published CLIP constants
+    processor = reward.image_processor
+    assert (processor.size["shortest_edge"], processor.crop_size["height"], processor.resample) == (224, 224, 3)
+    np.testing.assert_allclose(processor.image_mean, CLIP_MEAN, atol=1e-8, rtol=0)
+    np.testing.assert_allclose(processor.image_std, CLIP_STD, atol=1e-8, rtol=0)
+
+
+def test_conversion_reads_tensors_only(tmp_path):
+    torch.save({"state_dict": {"layers.0.weight": torch.zeros(2, 2)}, "config": Path("/etc")}, tmp_path / "x.pth")
+    with pytest.raises(pickle.UnpicklingError):  # torch.load(weights_only=True) refuses arbitrary objects
+        run_convert_script(
+            "--kind", "aesthetic", "--checkpoint", str(tmp_path / "x.pth"), "--out", str(tmp_path / "o")
+        )
+    assert not (tmp_path / "o").exists()
