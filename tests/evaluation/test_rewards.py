@@ -4,6 +4,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import hashlib
 import importlib.util
 import json
 import pickle
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     BertTokenizerFast,
     BlipConfig,
@@ -34,6 +35,11 @@ except ImportError:  # transformers 4
 from diffalign.evaluation.rewards import REWARDS, RewardModel, load_reward
 from diffalign.evaluation.rewards.aesthetic import AestheticMLP
 from diffalign.evaluation.rewards.base import to_pil_images
+from diffalign.evaluation.rewards.convert import HPS_PREPROCESS, VIT_H_14
+from diffalign.evaluation.rewards.hps import CLIP_MEAN as HPS_CLIP_MEAN
+from diffalign.evaluation.rewards.hps import CLIP_STD as HPS_CLIP_STD
+from diffalign.evaluation.rewards.hps import IMAGE_SIZE as HPS_IMAGE_SIZE
+from diffalign.evaluation.rewards.hps import hps_preprocess
 from diffalign.evaluation.rewards.imagereward import ImageRewardModel
 from diffalign.pipelines.digits import load_digits_data
 
@@ -66,11 +72,11 @@ def test_digits_reward_prefers_the_prompted_digit(digits_reward, held_out_digits
 
 def test_digits_reward_pil_matches_tensor_and_batches(digits_reward, held_out_digits):
     images, labels = held_out_digits
-    prompts = [str(int(y)) for y in labels[:20]]
-    quantised = (images[:20] * 255).round() / 255  # what an 8-bit PIL image holds
+    prompts = [str(int(y)) for y in labels[:8]]
+    quantised = (images[:8] * 255).round() / 255  # what an 8-bit PIL image holds
     from_tensor = digits_reward.score(quantised, prompts)
-    from_pil = digits_reward.score(to_pil_images(images[:20]), prompts)
-    one_by_one = torch.cat([digits_reward.score(quantised[i : i + 1], prompts[i : i + 1]) for i in range(20)])
+    from_pil = digits_reward.score(to_pil_images(images[:8]), prompts)
+    one_by_one = torch.cat([digits_reward.score(quantised[i : i + 1], prompts[i : i + 1]) for i in range(8)])
     torch.testing.assert_close(from_pil, from_tensor, atol=1e-5, rtol=0)
     torch.testing.assert_close(one_by_one, from_tensor, atol=1e-5, rtol=0)
     assert digits_reward.version.startswith("embedded:digits/classifier#sha256:")
@@ -137,26 +143,25 @@ def tiny_clip(tmp_path_factory):
     return build_tiny_clip(tmp_path_factory.mktemp("rewards") / "tiny_clip")
 
 
-def sample_images(n: int = 5, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+def sample_images(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(n, 3, 40, 56, generator=generator)  # (N, 3, H, W) in [0, 1], not square
-    prompts = ["a red cube", "two dogs", "a handwritten 7", "x", "a very long prompt " * 20][:n]
+    prompts = ["a red cube", "two dogs", "x", "a very long prompt " * 20][:n]  # the last one is truncated
     return images, prompts
 
 
 def assert_reward_contract(reward, images, prompts):
-    """(N,) float32; batched == one at a time; image i is scored with prompt i; prompts matter unless ignored."""
+    """(N,) float32 scores; scored one at a time in reverse order they are the batched scores reversed: batching does
+    not change a score and image i is scored with prompt i."""
     scores = reward.score(images, prompts)
     assert scores.shape == (len(prompts),) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
-    batch_size, reward.batch_size = reward.batch_size, 1
-    one_by_one = reward.score(images, prompts)
-    reward.batch_size = batch_size
-    torch.testing.assert_close(one_by_one, scores, atol=1e-5, rtol=1e-5)
     order = list(range(len(prompts)))[::-1]
-    reversed_scores = reward.score(
+    batch_size, reward.batch_size = reward.batch_size, 1
+    one_by_one = reward.score(
         images[order] if isinstance(images, torch.Tensor) else [images[i] for i in order], [prompts[i] for i in order]
     )
-    torch.testing.assert_close(reversed_scores, scores[order], atol=1e-5, rtol=1e-5)
+    reward.batch_size = batch_size
+    torch.testing.assert_close(one_by_one, scores[order], atol=1e-5, rtol=1e-5)
     return scores
 
 
@@ -346,3 +351,78 @@ def test_conversion_reads_tensors_only(tmp_path):
             "--kind", "aesthetic", "--checkpoint", str(tmp_path / "x.pth"), "--out", str(tmp_path / "o")
         )
     assert not (tmp_path / "o").exists()
+
+
+def test_hps_preprocess_is_the_published_resize_max_size():
+    # hpsv2 create_model_and_transforms(light_augmentation=True): ToTensor, ResizeMaxSize(224, fill=0), Normalize
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    assert (HPS_IMAGE_SIZE, HPS_CLIP_MEAN, HPS_CLIP_STD) == (CLIP_SIZE, CLIP_MEAN, CLIP_STD)
+    assert (HPS_PREPROCESS["mean"], HPS_PREPROCESS["std"]) == (list(CLIP_MEAN), list(CLIP_STD))
+    grey = hps_preprocess(Image.new("RGB", (300, 150), (128, 128, 128)))  # W=300, H=150 -> 224 x 112, padded
+    assert grey.shape == (3, 224, 224)
+    torch.testing.assert_close(grey[:, 56:168], ((128 / 255 - mean) / std).expand(3, 112, 224), atol=1e-5, rtol=0)
+    torch.testing.assert_close(grey[:, :56], (-mean / std).expand(3, 56, 224), atol=1e-6, rtol=0)  # fill 0
+    torch.testing.assert_close(grey[:, 168:], (-mean / std).expand(3, 56, 224), atol=1e-6, rtol=0)
+    square = to_pil_images(torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(3)))[0]
+    exact = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(hps_preprocess(square), (exact - mean) / std, atol=1e-6, rtol=0)  # no resize at 224
+
+
+def fake_hps_checkpoint(path: Path) -> Path:
+    torch.save({"state_dict": {"module.logit_scale": torch.tensor(4.6), "module.visual.proj": torch.ones(4, 2)}}, path)
+    return path
+
+
+def test_hps_conversion_and_the_missing_open_clip_error(tmp_path, monkeypatch):
+    checkpoint = fake_hps_checkpoint(tmp_path / "HPS_v2.1_compressed.pt")
+    out = tmp_path / "hps"
+    assert run_convert_script("--kind", "hpsv2.1", "--checkpoint", str(checkpoint), "--out", str(out)) == 0
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert config["model_cfg"] == VIT_H_14 and config["preprocess_cfg"]["resize_mode"] == "longest"
+    assert sorted(load_file(out / "open_clip_model.safetensors")) == ["logit_scale", "visual.proj"]
+    source = json.loads((out / "reward_source.json").read_text())
+    assert source["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as on a machine without open-clip-torch
+    with pytest.raises(ImportError, match=r"pip install diffalign\[eval\]"):
+        load_reward(f"hpsv2.1:{out}")
+
+
+def test_hpsv21_on_a_tiny_open_clip_model(tmp_path):
+    open_clip = pytest.importorskip("open_clip")  # open-clip-torch needs a torchvision built for the installed torch
+    folder = tmp_path / "tiny_hps"
+    folder.mkdir()
+    model_cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    torch.manual_seed(4)
+    model = open_clip.create_model(f"local-dir:{folder}").eval()
+    save_file(
+        {key: value.contiguous() for key, value in model.state_dict().items()}, folder / "open_clip_model.safetensors"
+    )
+    reward = load_reward(f"hpsv2.1:{folder}")
+    images, prompts = sample_images(4)
+    scores = assert_reward_contract(reward, images, prompts)
+    pixels = torch.stack([hps_preprocess(image) for image in to_pil_images(images)])
+    with torch.no_grad():  # hpsv2.img_score: diag(image_features @ text_features.T), no logit scale
+        outputs = model(pixels, open_clip.get_tokenizer(f"local-dir:{folder}")(prompts))
+        expected = (outputs["image_features"] @ outputs["text_features"].T).diagonal()
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hub_and_converted_defaults_fail_with_instructions(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no reward-model folder"):
+        load_reward(f"pickscore:{tmp_path / 'missing'}")
+    with pytest.raises(FileNotFoundError, match="could not fetch nobody/no-such-reward@main"):
+        load_reward("clip:nobody/no-such-reward")  # HF_HUB_OFFLINE=1 and not cached
+    with pytest.raises(ValueError, match="applies to hub ids only"):
+        load_reward(f"clip:{tmp_path}", revision="abc123")
+    monkeypatch.setenv("DIFFALIGN_REWARDS_DIR", str(tmp_path))
+    for name in ("hpsv2.1", "imagereward", "aesthetic"):
+        with pytest.raises(FileNotFoundError, match=f"convert_reward_checkpoint.py --kind {re.escape(name)}"):
+            load_reward(name)
+    for name in (str(fake_hps_checkpoint(tmp_path / "HPS_v2.1_compressed.pt")), f"hpsv2.1:{tmp_path}/x.pth"):
+        with pytest.raises(ValueError, match="pickled checkpoint"):
+            load_reward(name)
