@@ -27,11 +27,6 @@ from transformers import (
     CLIPTokenizer,
 )
 
-try:
-    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-except ImportError:  # transformers 4
-    from transformers import CLIPImageProcessor
-
 from diffalign.evaluation.rewards import REWARDS, RewardModel, load_reward
 from diffalign.evaluation.rewards.aesthetic import AestheticMLP
 from diffalign.evaluation.rewards.base import to_pil_images
@@ -122,6 +117,20 @@ def write_tiny_clip_tokenizer(folder: Path) -> int:
     return len(tokens)
 
 
+# openai/clip-vit-large-patch14 preprocessor_config.json as published (legacy CLIPFeatureExtractor format)
+OPENAI_CLIP_PREPROCESSOR_CONFIG = {
+    "crop_size": 224,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": 224,
+}
+
+
 def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True)
     vocab_size = write_tiny_clip_tokenizer(folder)
@@ -134,7 +143,7 @@ def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
     config = CLIPConfig(text_config=text, vision_config={**vision, "num_attention_heads": 4}, projection_dim=16)
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(folder)
-    CLIPImageProcessor().save_pretrained(folder)  # transformers' defaults = the published CLIP preprocessing
+    (folder / "preprocessor_config.json").write_text(json.dumps(OPENAI_CLIP_PREPROCESSOR_CONFIG))
     return folder
 
 
