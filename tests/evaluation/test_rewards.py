@@ -9,9 +9,11 @@ import importlib.util
 import json
 import pickle
 import re
+import shutil
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -435,3 +437,17 @@ def test_hub_and_converted_defaults_fail_with_instructions(tmp_path, monkeypatch
     for name in (str(fake_hps_checkpoint(tmp_path / "HPS_v2.1_compressed.pt")), f"hpsv2.1:{tmp_path}/x.pth"):
         with pytest.raises(ValueError, match="pickled checkpoint"):
             load_reward(name)
+
+
+def test_hub_ids_record_the_resolved_commit(tiny_clip, tmp_path, monkeypatch):
+    # an offline hub cache holding "someone/tiny-clip" at two commits; main points at the second
+    commits = ["a" * 40, "b" * 40]
+    repo = tmp_path / "models--someone--tiny-clip"
+    for commit in commits:
+        shutil.copytree(tiny_clip, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commits[1])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert load_reward("clip:someone/tiny-clip").version == f"someone/tiny-clip@{commits[1]}"
+    pinned = load_reward("pickscore:someone/tiny-clip", revision=commits[0])
+    assert pinned.version == f"someone/tiny-clip@{commits[0]}"
