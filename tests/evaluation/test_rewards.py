@@ -418,8 +418,11 @@ def test_hpsv21_on_a_tiny_open_clip_model(tmp_path):
     scores = assert_reward_contract(reward, images, prompts)
     pixels = torch.stack([hps_preprocess(image) for image in to_pil_images(images)])
     with torch.no_grad():  # hpsv2.img_score: diag(image_features @ text_features.T), no logit scale
-        outputs = model(pixels, open_clip.get_tokenizer(f"local-dir:{folder}")(prompts))
-        expected = (outputs["image_features"] @ outputs["text_features"].T).diagonal()
+        outputs = model(pixels, open_clip.get_tokenizer(f"local-dir:{folder}")(prompts))  # normalised features
+        image_features, text_features = (
+            (outputs["image_features"], outputs["text_features"]) if isinstance(outputs, dict) else outputs[:2]
+        )
+        expected = (image_features @ text_features.T).diagonal()
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
 
 

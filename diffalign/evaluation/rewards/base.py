@@ -33,7 +33,10 @@ class RewardModel:
 
     @torch.no_grad()
     def score(self, images: ImageBatch, prompts: list[str]) -> torch.Tensor:
-        """Score image i against prompt i: N images (PIL list or (N, C, H, W) in [0, 1]) -> (N,) float32 on CPU."""
+        """Score image i against prompt i: N images (PIL list or (N, C, H, W) in [0, 1]) -> (N,) float32 on CPU.
+
+        Runs without gradients, in batches of ``batch_size``; a batch's scores do not depend on the other images.
+        """
         if isinstance(prompts, str):
             raise TypeError(f"prompts must be a list of N strings, one per image, not the single string {prompts!r}.")
         prompts = list(prompts)
