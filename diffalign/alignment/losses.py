@@ -1,7 +1,7 @@
 """Preference losses over denoising errors: one pure function per method, plus the reductions they share.
 
 The trainer hands a method the unreduced per-element squared errors (model output - target)^2 of the policy and the
-reference, (B, K, c, h, w); a method reduces them (``per_candidate_errors``: the mean over elements, the L_m(x) =
+reference, (B, K, c, h, w); a method reduces them (``candidate_errors``: the mean over elements, the L_m(x) =
 ||eps - eps_m(x_t, c, t)||^2 of Diffusion-DPO; per segment or per patch for the dense methods) and passes them to
 its loss here, which returns ``(loss, metrics)``. Nothing here touches a model, so each method's maths is testable
 on hand-made numbers.
@@ -16,11 +16,6 @@ import torch.nn.functional as F
 def squared_errors(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Unreduced per-element squared errors in float32: (N, C, H, W) x 2 -> (N, C, H, W)."""
     return (model_pred.float() - target.float()).pow(2)
-
-
-def per_candidate_errors(errors: torch.Tensor) -> torch.Tensor:
-    """Mean over the elements of each candidate: (B, K, c, h, w) -> (B, K)."""
-    return errors.flatten(2).mean(dim=2)
 
 
 def denoising_errors(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

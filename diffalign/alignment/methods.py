@@ -30,7 +30,7 @@ from typing import ClassVar, Literal
 import torch
 
 from ..options import option
-from .losses import diffusion_dpo_loss, per_candidate_errors
+from .losses import candidate_errors, diffusion_dpo_loss
 from .noise import PROVIDERS, NoiseRequest
 from .rollout import Rollout, RolloutRequest
 
@@ -106,8 +106,8 @@ class DiffusionDPO(PreferenceMethod):
                 f"Diffusion-DPO trains on pairs (K = 2 candidates, the preferred first); this batch has K = "
                 f"{inputs.policy_errors.shape[1]}. Use a ranking method for K > 2."
             )
-        policy_w, policy_l = per_candidate_errors(inputs.policy_errors).unbind(1)  # (B,), (B,)
-        reference_w, reference_l = per_candidate_errors(inputs.reference_errors).unbind(1)  # (B,), (B,)
+        policy_w, policy_l = candidate_errors(inputs.policy_errors).unbind(1)  # (B,), (B,)
+        reference_w, reference_l = candidate_errors(inputs.reference_errors).unbind(1)  # (B,), (B,)
         return diffusion_dpo_loss(policy_w, policy_l, reference_w, reference_l, beta=self.options.beta)
 
 

@@ -10,7 +10,7 @@ import torch
 from diffalign.alignment import step as step_module
 from diffalign.alignment.config import TrainConfig, parse_config
 from diffalign.alignment.digits_pairs import make_digits_pairs
-from diffalign.alignment.losses import per_candidate_errors
+from diffalign.alignment.losses import candidate_errors
 from diffalign.alignment.methods import METHODS, DiffusionDPO, DPOOptions, MethodInputs, PreferenceMethod
 from diffalign.alignment.rollout import Rollout
 from diffalign.alignment.trainer import train
@@ -35,7 +35,7 @@ class ErrorGap(PreferenceMethod):
 
     def loss(self, inputs: MethodInputs):
         self.seen.append(inputs)
-        errors = per_candidate_errors(inputs.policy_errors)  # (B, K)
+        errors = candidate_errors(inputs.policy_errors)  # (B, K)
         gap = errors[:, 0] - errors[:, 1:].mean(1)
         return gap.mean(), {"gap": gap.mean().detach(), "count": torch.tensor(float(errors.shape[0]))}
 
