@@ -146,3 +146,10 @@ def test_an_interrupted_streamed_cache_resumes_after_its_last_shard(shards, tmp_
     backbones = build_with_threads(shards, tmp_path / "cache")
     assert [b.images for b in backbones] == [0, 3]  # only process 1's last record (K = 3 images) again
     assert len(CachedPreferences(tmp_path / "cache")) == 6
+
+
+def test_dataloader_workers_read_their_own_shards_with_unique_indices(shards):
+    loader = torch.utils.data.DataLoader(stream(shards), batch_size=1, num_workers=2, collate_fn=collate_preferences)
+    items = list(loader)
+    assert sorted(p for batch in items for p in batch["prompt"]) == [f"prompt {r}" for r in range(6)]
+    assert sorted(int(batch["index"]) for batch in items) == list(range(6))  # worker + 2 x position
