@@ -230,15 +230,17 @@ def load_preferences(
     process_index: int = 0,
     num_processes: int = 1,
     seed: int | None = None,
+    buffer_size: int = 1000,
 ):
     """The decoded dataset for ``dataset`` (any source of ``sources.load_source``): a ``PreferenceDataset``, or with
-    ``streaming`` a ``StreamingPreferenceDataset`` over this process's share (``max_samples`` then not supported)."""
+    ``streaming`` a ``StreamingPreferenceDataset`` over this process's share, shuffled with a ``buffer_size``-record
+    buffer seeded by (``seed``, epoch) when ``seed`` is given (``max_samples`` then not supported)."""
     source = load_source(dataset, split, jsonl_name, image_root, streaming, process_index, num_processes)
     transform = ImageTransform(resolution, channels)
     if streaming:
         if max_samples is not None:
             raise ValueError("max_samples needs a dataset of known length; it cannot be used with streaming.")
-        return StreamingPreferenceDataset(source, transform, seed)
+        return StreamingPreferenceDataset(source, transform, seed, buffer_size)
     return PreferenceDataset(source, transform, max_samples)
 
 

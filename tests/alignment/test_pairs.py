@@ -94,12 +94,14 @@ def test_a_rerun_resumes_and_other_settings_are_refused(written, prompt_file):
         make_pairs(other, progress=False)
 
 
-def test_the_command_parses_its_options_and_reports(tmp_path, prompt_file, capsys):
-    argv = ["--prompts", str(prompt_file), "--num-candidates", "2", "--out", str(tmp_path / "cli"), "--nfe", "1"]
+def test_the_command_parses_its_options_and_reports(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("seven\n")
+    argv = ["--prompts", str(tmp_path / "one.txt"), "--num-candidates", "2", "--nfe", "1"]
+    argv += ["--out", str(tmp_path / "cli")]
     config = parse_args(PairsConfig, argv)
     assert pairs_command.NAME == "pairs" and pairs_command.CONFIG is PairsConfig
     assert pairs_command.run(config) == 0
-    assert "4 prompts x 2 candidates" in capsys.readouterr().out
+    assert "prompts: 1, candidates each: 2, mean best - worst digits reward:" in capsys.readouterr().out
     with pytest.raises(ValueError, match="num_candidates must be >= 2"):
         PairsConfig(num_candidates=1)
     with pytest.raises(ValueError, match="pass a prompt file"):
