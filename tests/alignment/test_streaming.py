@@ -42,7 +42,10 @@ def test_processes_read_disjoint_shares_that_cover_the_data(shards):
         torch.testing.assert_close(item["scores"], whole[item["prompt"]]["scores"], atol=0, rtol=0)
 
 
-def test_shuffled_epochs_differ_and_repeat(shards):
+def test_shuffled_epochs_differ_and_repeat(shards, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)  # a 5 s wait after each shuffled pass
     dataset = stream(shards, seed=3)
     orders = []
     for epoch in (0, 1, 0):
