@@ -126,6 +126,7 @@ def test_the_cache_of_a_stream_is_built_by_every_process_from_its_share(shards, 
     assert names == [f"shard_p00{r}_0000{n}.safetensors" for r in (0, 1) for n in (0, 1)]
     cached = CachedPreferences(tmp_path / "cache")
     assert len(cached) == 6 and sorted(cached[i]["index"] for i in range(6)) == list(range(6))
+    assert cached.num_candidates == 3
     whole = {item["prompt"]: item for item in stream(shards)}
     for i in range(6):
         item = cached[i]
