@@ -195,21 +195,25 @@ class CachedPreferences(torch.utils.data.Dataset):
         self.starts = [0]
         for _, count in self.shards:
             self.starts.append(self.starts[-1] + count)
-        self.num_candidates = self.meta.get("num_candidates")
         self._handles: dict[int, tuple[object, list[str]]] = {}
+        self.num_candidates = self._open(0)[0].get_slice("latents").get_shape()[1] if self.shards else None
 
     def __len__(self) -> int:
         return self.starts[-1]
+
+    def _open(self, shard: int) -> tuple[object, list[str]]:
+        """The shard's memory-mapped handle (a row read touches only that row's bytes) and its prompts."""
+        if shard not in self._handles:
+            handle = safe_open(str(self.cache_dir / self.shards[shard][0]), framework="pt")
+            self._handles[shard] = handle, json.loads(handle.metadata()["prompts"])
+        return self._handles[shard]
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a cache of {len(self)} records")
         shard = bisect.bisect_right(self.starts, index) - 1
         row = index - self.starts[shard]
-        if shard not in self._handles:  # memory-mapped; a row read touches only that row's bytes
-            handle = safe_open(str(self.cache_dir / self.shards[shard][0]), framework="pt")
-            self._handles[shard] = handle, json.loads(handle.metadata()["prompts"])
-        handle, prompts = self._handles[shard]
+        handle, prompts = self._open(shard)
         tensors = {key: handle.get_slice(key)[row : row + 1][0] for key in handle.keys()}
         item = {key: value for key, value in tensors.items() if not key.startswith("cond.")}
         item["cond"] = {key[5:]: value for key, value in tensors.items() if key.startswith("cond.")}

@@ -147,8 +147,14 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         for skipped in range(self.length):
             i = (index + skipped) % self.length
+            record = self.source[i]
+            if record.num_candidates != self.num_candidates:
+                raise DatasetError(
+                    f"record {i} has {record.num_candidates} images, the dataset {self.num_candidates}; every record "
+                    "of a dataset must have the same number of candidates K."
+                )
             try:
-                item = decode_record(self.source[i], self.transform, self.source.base, self.source.root)
+                item = decode_record(record, self.transform, self.source.base, self.source.root)
             except DatasetError:
                 raise
             except UNREADABLE as error:
@@ -166,7 +172,8 @@ class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
     with a buffer seeded by (``seed``, epoch) when ``seed`` is given; call ``set_epoch`` before each epoch.
 
     An unreadable record is passed over and counted in the next item's ``skipped``; a Pick-a-Pic tie is dropped
-    silently. With DataLoader workers each worker reads every ``num_workers``-th record of the share.
+    silently. With DataLoader workers ``datasets`` gives each worker its own parquet shards of the share (so use at
+    most as many workers as the share has shards).
     """
 
     def __init__(
@@ -183,16 +190,13 @@ class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def decoded(self, start: int = 0):
-        """(position, item or None if unreadable) for this process's records from position ``start`` on, ties
-        dropped; positions count the records before decoding, so a reader can resume without decoding the first
-        ``start``."""
-        worker = torch.utils.data.get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        records = (
-            pair for pair in self.source.iterate(self.seed, self.epoch, self.buffer_size) if pair[1] is not None
-        )
+        """(position, item or None if unreadable) for this process's (and worker's) records from position ``start``
+        on, ties dropped; positions count the records before decoding, so a reader can resume without decoding the
+        first ``start``."""
+        stream = self.source.iterate(self.seed, self.epoch, self.buffer_size)
+        records = ((index, record) for index, record in stream if record is not None)
         for position, (index, record) in enumerate(records):
-            if position < start or position % num_workers != worker_id:
+            if position < start:
                 continue
             try:
                 item = decode_record(record, self.transform, self.source.base, self.source.root)
@@ -226,15 +230,17 @@ def load_preferences(
     process_index: int = 0,
     num_processes: int = 1,
     seed: int | None = None,
+    buffer_size: int = 1000,
 ):
     """The decoded dataset for ``dataset`` (any source of ``sources.load_source``): a ``PreferenceDataset``, or with
-    ``streaming`` a ``StreamingPreferenceDataset`` over this process's share (``max_samples`` then not supported)."""
+    ``streaming`` a ``StreamingPreferenceDataset`` over this process's share, shuffled with a ``buffer_size``-record
+    buffer seeded by (``seed``, epoch) when ``seed`` is given (``max_samples`` then not supported)."""
     source = load_source(dataset, split, jsonl_name, image_root, streaming, process_index, num_processes)
     transform = ImageTransform(resolution, channels)
     if streaming:
         if max_samples is not None:
             raise ValueError("max_samples needs a dataset of known length; it cannot be used with streaming.")
-        return StreamingPreferenceDataset(source, transform, seed)
+        return StreamingPreferenceDataset(source, transform, seed, buffer_size)
     return PreferenceDataset(source, transform, max_samples)
 
 

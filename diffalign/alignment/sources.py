@@ -177,15 +177,16 @@ class TableSource:
         self.dataset, self.origin, self.base, self.root = _undecoded(dataset, self.layout), origin, None, image_root
         rows = np.arange(len(dataset))
         if self.layout.pickapic:
-            label_0 = np.asarray(dataset.data.column("label_0").to_numpy(zero_copy_only=False), dtype=np.float64)
-            rows = np.flatnonzero(label_0 != 0.5)
+            label_0 = dataset.select_columns(["label_0"]).with_format("arrow")[:].column("label_0")
+            rows = np.flatnonzero(np.asarray(label_0.to_numpy(), dtype=np.float64) != 0.5)
         self.rows, self.num_ties = rows, len(dataset) - len(rows)
         self.num_candidates = self._check_lengths()
 
     def _check_lengths(self) -> int:
-        """K of the table; a DatasetError for rows of another K or with a list of the wrong length."""
+        """K of the table; a DatasetError for rows of another K or with a list of the wrong length. Reads only the
+        list lengths of the table's memory-mapped columns (no image bytes), so row numbers are the table's."""
         if self.layout.images != ["images"]:
-            counts = np.full(len(self.rows), len(self.layout.images))
+            counts = np.full(self.dataset.data.num_rows, len(self.layout.images))
         else:
             counts = self._list_lengths("images")
         k = check_same_k(counts, self.origin)
@@ -201,11 +202,11 @@ class TableSource:
         return k
 
     def _list_lengths(self, name: str) -> np.ndarray:
-        """Lengths of a list column at the kept rows (-1 for a null entry), without decoding any bytes."""
+        """Lengths of a list column in table order (-1 for a null entry)."""
         import pyarrow.compute as pc
 
         lengths = pc.list_value_length(self.dataset.data.column(name)).fill_null(-1)
-        return np.asarray(lengths.to_numpy(zero_copy_only=False))[self.rows]
+        return np.asarray(lengths.to_numpy(zero_copy_only=False))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -216,8 +217,9 @@ class TableSource:
 
 class StreamingTableSource:
     """A streamed table (``datasets.IterableDataset``), this process's share (``split_dataset_by_node``), yielding
-    (index, record or None for a tie). ``index`` = process_index + num_processes x position in the share: unique,
-    and the same on every pass at the same number of processes."""
+    (index, record or None for a tie). Inside a DataLoader worker ``datasets`` reads that worker's part of the share
+    only; ``index`` = process + P (worker + W position) for P processes and W workers: unique, and the same on every
+    pass at the same P and W."""
 
     def __init__(
         self, dataset, origin: str, image_root: Path | None = None, process_index: int = 0, num_processes: int = 1
@@ -238,6 +240,11 @@ class StreamingTableSource:
         if seed is not None:
             dataset = dataset.shuffle(seed=seed, buffer_size=buffer_size)
             dataset.set_epoch(epoch)
+        import torch.utils.data
+
+        worker = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        slot, stride = self.process_index + self.num_processes * worker_id, self.num_processes * num_workers
         for position, row in enumerate(dataset):
             record = self.layout.record(row, self.origin)
             if record is not None:
@@ -248,7 +255,7 @@ class StreamingTableSource:
                         f"dataset {self.origin}: a streamed record has {record.num_candidates} images, earlier ones "
                         f"{self.num_candidates}; every record of a dataset must have the same number of candidates K."
                     )
-            yield self.process_index + self.num_processes * position, record
+            yield slot + stride * position, record
 
 
 def _open_table(path: Path, dataset: str, split: str, streaming: bool):

@@ -22,8 +22,8 @@ def run(config: PairsConfig) -> int:
     out = make_pairs(config)
     stats = summary(config)
     print(
-        f"{stats['records']} prompts x {config.num_candidates} candidates; mean best - worst {config.reward} "
-        f"reward {stats['mean_gap']:.4f}"
+        f"prompts: {stats['records']}, candidates each: {config.num_candidates}, mean best - worst {config.reward} "
+        f"reward: {stats['mean_gap']:.4f}"
     )
     print(f"wrote {out}")
     return 0

@@ -94,12 +94,14 @@ def test_a_rerun_resumes_and_other_settings_are_refused(written, prompt_file):
         make_pairs(other, progress=False)
 
 
-def test_the_command_parses_its_options_and_reports(tmp_path, prompt_file, capsys):
-    argv = ["--prompts", str(prompt_file), "--num-candidates", "2", "--out", str(tmp_path / "cli"), "--nfe", "1"]
+def test_the_command_parses_its_options_and_reports(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("seven\n")
+    argv = ["--prompts", str(tmp_path / "one.txt"), "--num-candidates", "2", "--nfe", "1"]
+    argv += ["--out", str(tmp_path / "cli")]
     config = parse_args(PairsConfig, argv)
     assert pairs_command.NAME == "pairs" and pairs_command.CONFIG is PairsConfig
     assert pairs_command.run(config) == 0
-    assert "4 prompts x 2 candidates" in capsys.readouterr().out
+    assert "prompts: 1, candidates each: 2, mean best - worst digits reward:" in capsys.readouterr().out
     with pytest.raises(ValueError, match="num_candidates must be >= 2"):
         PairsConfig(num_candidates=1)
     with pytest.raises(ValueError, match="pass a prompt file"):
@@ -122,22 +124,21 @@ def tiny_pickscore(folder):
 
 
 @pytest.mark.slow
-def test_pairs_from_a_tiny_sd_pipeline_with_a_tiny_local_reward(tmp_path):
-    tiny.make_sd_pipeline(tmp_path)
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_pairs_from_a_tiny_pipeline_with_a_tiny_local_reward(tmp_path, kind):
+    make, size = (tiny.make_sd_pipeline, tiny.SD_SIZE) if kind == "sd" else (tiny.make_sdxl_pipeline, tiny.SDXL_SIZE)
+    make(tmp_path)
     reward = tiny_pickscore(tmp_path / "reward")
     (tmp_path / "prompts.txt").write_text("a red cube\na blue ball\n")
     config = PairsConfig(
-        pipeline=str(tmp_path / "sd"), prompts=str(tmp_path / "prompts.txt"), reward=reward, num_candidates=2, nfe=2
+        pipeline=str(tmp_path / kind), prompts=str(tmp_path / "prompts.txt"), reward=reward, num_candidates=2, nfe=2
     )
     config.out = str(tmp_path / "out")
     out = make_pairs(config, progress=False)
-    batch = collate_preferences(
-        list(load_preferences(str(out), resolution=tiny.SD_SIZE, channels=3)[i] for i in (0, 1))
-    )
-    assert batch["pixels"].shape == (2, 2, 3, tiny.SD_SIZE, tiny.SD_SIZE) and batch["scores"].shape == (2, 2)
-    rescored = load_reward(reward).score(
-        ((batch["pixels"] + 1) / 2).flatten(0, 1), ["a red cube"] * 2 + ["a blue ball"] * 2
-    )
+    batch = collate_preferences([load_preferences(str(out), resolution=size, channels=3)[i] for i in (0, 1)])
+    assert batch["pixels"].shape == (2, 2, 3, size, size) and batch["scores"].shape == (2, 2)
+    prompts = ["a red cube"] * 2 + ["a blue ball"] * 2
+    rescored = load_reward(reward).score(((batch["pixels"] + 1) / 2).flatten(0, 1), prompts)
     torch.testing.assert_close(batch["scores"].flatten(), rescored, atol=1e-4, rtol=0)
     info = json.loads((out / "generation.json").read_text())
     assert info["reward"] == "pickscore" and "#sha256:" in info["reward_version"]

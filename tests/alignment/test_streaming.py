@@ -42,7 +42,10 @@ def test_processes_read_disjoint_shares_that_cover_the_data(shards):
         torch.testing.assert_close(item["scores"], whole[item["prompt"]]["scores"], atol=0, rtol=0)
 
 
-def test_shuffled_epochs_differ_and_repeat(shards):
+def test_shuffled_epochs_differ_and_repeat(shards, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)  # a 5 s wait after each shuffled pass
     dataset = stream(shards, seed=3)
     orders = []
     for epoch in (0, 1, 0):
@@ -123,6 +126,7 @@ def test_the_cache_of_a_stream_is_built_by_every_process_from_its_share(shards, 
     assert names == [f"shard_p00{r}_0000{n}.safetensors" for r in (0, 1) for n in (0, 1)]
     cached = CachedPreferences(tmp_path / "cache")
     assert len(cached) == 6 and sorted(cached[i]["index"] for i in range(6)) == list(range(6))
+    assert cached.num_candidates == 3
     whole = {item["prompt"]: item for item in stream(shards)}
     for i in range(6):
         item = cached[i]
@@ -146,3 +150,10 @@ def test_an_interrupted_streamed_cache_resumes_after_its_last_shard(shards, tmp_
     backbones = build_with_threads(shards, tmp_path / "cache")
     assert [b.images for b in backbones] == [0, 3]  # only process 1's last record (K = 3 images) again
     assert len(CachedPreferences(tmp_path / "cache")) == 6
+
+
+def test_dataloader_workers_read_their_own_shards_with_unique_indices(shards):
+    loader = torch.utils.data.DataLoader(stream(shards), batch_size=1, num_workers=2, collate_fn=collate_preferences)
+    items = list(loader)
+    assert sorted(p for batch in items for p in batch["prompt"]) == [f"prompt {r}" for r in range(6)]
+    assert sorted(int(batch["index"]) for batch in items) == list(range(6))  # worker + 2 x position
