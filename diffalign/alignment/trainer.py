@@ -108,10 +108,10 @@ def build_dataset(config: TrainConfig, backbone: Backbone, accelerator: Accelera
         dataset_path,
         resolution,
         backbone.image_channels,
-        config.dataset_split,
-        config.jsonl_name,
-        config.image_root,
-        config.max_train_samples,
+        split=config.dataset_split,
+        jsonl_name=config.jsonl_name,
+        image_root=config.image_root,
+        max_samples=config.max_train_samples,
     )
     if config.cache_dir is None:
         return records

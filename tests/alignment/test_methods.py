@@ -59,6 +59,12 @@ class FakeOnline(ErrorGap):
         return super().loss(inputs)
 
 
+class InversionGap(ErrorGap):
+    """The toy with noise from the DDIM inversion of each candidate by the policy."""
+
+    name, noise = "inversion_gap", "inversion"
+
+
 def small(tmp_path, pairs_dir, name, **overrides):
     options = dict(output_dir=str(tmp_path / name), dataset=str(pairs_dir), train_batch_size=4, max_train_samples=8)
     options |= dict(lora_target_modules="to_v,conv1", checkpointing_steps=0, progress_bar=False, max_train_steps=2)
@@ -88,6 +94,24 @@ def test_a_reference_free_method_skips_the_reference_and_logs_its_own_metrics(tm
     assert inputs.reference_errors is None and inputs.policy_errors.shape == (4, 2, 1, 8, 8)
     assert inputs.noise.shape == (4, 2, 1, 8, 8) and inputs.timesteps.shape == (4, 2)
     assert not torch.equal(inputs.noise[:, 0], inputs.noise[:, 1])  # independent per candidate
+
+
+def test_the_inversion_provider_runs_in_the_trainer(tmp_path, pairs_dir, monkeypatch):
+    monkeypatch.setitem(METHODS, "inversion_gap", InversionGap)
+    monkeypatch.setattr(InversionGap, "seen", [])
+    result = train(small(tmp_path, pairs_dir, "inversion", method="inversion_gap", max_train_steps=1))
+    inputs = InversionGap.seen[0]
+    assert (inputs.timesteps == inputs.timesteps[:, :1]).all()  # one t per prompt
+    assert not torch.equal(inputs.noise[:, 0], inputs.noise[:, 1])  # each candidate's own inversion
+    assert math.isfinite(result.history[0]["loss"])
+
+
+def test_flip_labels_reverses_the_candidates_and_negates_scores():
+    batch = dict(pixels=torch.arange(6.0).reshape(1, 3, 2), scores=torch.tensor([[3.0, 2.0, 1.0]]), index=[0])
+    flipped = step_module.flip_preferences(batch)
+    assert flipped["pixels"].tolist() == [[[4.0, 5.0], [2.0, 3.0], [0.0, 1.0]]]
+    assert flipped["scores"].tolist() == [[-1.0, -2.0, -3.0]]  # the old worst is now first and ranked best
+    assert flipped["index"] == [0]
 
 
 def test_an_online_method_is_rolled_out_before_its_loss(tmp_path, pairs_dir, monkeypatch):
