@@ -134,8 +134,8 @@ class PreferenceStep:
         reference_errors = None
         if self.method.needs_reference:
             reference_errors = squared_errors(self.reference_output(noisy, t, kwargs), target)
-        with self.accelerator.autocast():
-            policy_output = self.unet(noisy, t, **kwargs).sample  # (K B, c, h, w)
+        policy = self.policy(kwargs, grad=True)
+        policy_output = policy(noisy, t)  # (K B, c, h, w)
         num_candidates = latents.shape[1]
         if reference_errors is not None:
             reference_errors = unstack_candidates(reference_errors, num_candidates)  # (B, K, c, h, w)
@@ -147,6 +147,6 @@ class PreferenceStep:
             policy_errors=unstack_candidates(squared_errors(policy_output, target), num_candidates),
             reference_errors=reference_errors,
             rollout=rollout,
-            policy=self.policy(kwargs, grad=True),
+            policy=policy,
         )
         return self.method.loss(inputs)
