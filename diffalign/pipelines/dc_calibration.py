@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..samplers._base import keep_model_keys
+from ..samplers import keep_model_keys
 from ..samplers.dc_calibrate import calibrate_dc, fit_cpr_coefficients, model_fingerprint
 from ..samplers.dc_solver import DCSolverScheduler
 from ..samplers.side_info import save_side_info

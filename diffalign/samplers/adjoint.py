@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._dpm_base import DPMSolverBase, exponential_integrator_update, multistep_differences
 from .adjoint_scheduler import AdjointDPMScheduler
+from .exponential_integrator import DPMSolverBase, exponential_integrator_update, multistep_differences
 
 TRAJECTORIES = ("store", "reconstruct")
 

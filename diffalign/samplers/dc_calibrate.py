@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ._base import MODEL_KEYS, VPScheduler
 from .adjoint import model_output
+from .base import MODEL_KEYS, VPScheduler
 from .dc_cpr import fit_cpr
 from .dc_solver import DCSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from ._base import VPScheduler
-from ._unipc import SOLVER_TYPES, lagrange_compensation, uni_c_update, uni_p_update
+from .base import VPScheduler
 from .dc_cpr import CPR_SHAPE, cpr_ratios
 from .side_info import SideInfoMixin, schedule_fingerprint
+from .unipc import SOLVER_TYPES, lagrange_compensation, uni_c_update, uni_p_update
 
 SIDE_INFO_FORMAT = "diffalign.dc_solver/1"
 FOREIGN_SOLVER_TYPES = ("midpoint", "heun", "logrho", "dpmsolver", "taylor")  # read as bh2, as diffusers' UniPC does

@@ -6,8 +6,8 @@ Orders 1-3, multistep or singlestep (DPM-Solver-1/2/3, Alg. 1-2 of the paper; DP
 
 from __future__ import annotations
 
-from ._base import phi_functions
-from ._dpm_base import DPMSolverBase, lambda_step
+from .base import phi_functions
+from .exponential_integrator import DPMSolverBase, lambda_step
 
 
 def noise_coefficients(alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float):

@@ -6,8 +6,8 @@ thresholding for pixel-space models. The data prediction is bounded, which keeps
 
 from __future__ import annotations
 
-from ._base import phi_functions
-from ._dpm_base import DPMSolverBase, lambda_step
+from .base import phi_functions
+from .exponential_integrator import DPMSolverBase, lambda_step
 
 
 def data_coefficients(alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float):

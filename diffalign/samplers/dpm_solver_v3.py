@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from ._base import VPScheduler
+from .base import VPScheduler
 from .ems import EMS_FILE, EmpiricalModelStatistics, ems_from_side_info
 from .schedule import alpha_sigma_from_lambda
 from .side_info import SideInfoMixin, model_fingerprint, schedule_fingerprint

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._base import PREDICTION_TYPES, eps_from_model_output
+from .base import PREDICTION_TYPES, eps_from_model_output
 from .schedule import NoiseScheduleVP, alpha_sigma_from_lambda
 from .side_info import model_fingerprint, schedule_fingerprint
 

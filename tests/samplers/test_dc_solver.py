@@ -20,9 +20,9 @@ from diffalign.pipelines.benchmark import make_scheduler
 from diffalign.pipelines.gmm import GaussianMixture
 from diffalign.pipelines.sampling import sample
 from diffalign.samplers import DCSolverScheduler
-from diffalign.samplers._unipc import lagrange_compensation
 from diffalign.samplers.dc_calibrate import calibrate_dc, fit_cpr_coefficients, model_fingerprint
 from diffalign.samplers.dc_cpr import cpr_ratios, fit_cpr
+from diffalign.samplers.unipc import lagrange_compensation
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 SIGMA_MIN = dict(final_sigmas_type="sigma_min")

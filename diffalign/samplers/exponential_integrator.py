@@ -6,7 +6,7 @@ one step from ``s`` to ``t`` (``h = lambda_t - lambda_s``) as
     x_t = c_x x_s - a_1 m_s - a_2 D_1 - a_3 D_2
 
 with ``m`` the model term (``eps`` or ``x0``), ``D_1`` / ``D_2`` finite-difference estimates of its first and
-second lambda-derivatives times ``h`` / ``h^2``, and ``a_k = w phi_k(u)`` (``phi`` from ``_base.phi_functions``):
+second lambda-derivatives times ``h`` / ``h^2``, and ``a_k = w phi_k(u)`` (``phi`` from ``base.phi_functions``):
 
 - noise form: ``c_x = alpha_t / alpha_s``, ``w = sigma_t``, ``u = h``  (DPM-Solver Eq. 3.7 and its Taylor terms);
 - data form:  ``c_x = sigma_t / sigma_s``, ``w = alpha_t``, ``u = -h`` (DPM-Solver++ Eq. 8 and its Taylor terms).
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from ._base import VPScheduler, solver_type_of
+from .base import VPScheduler, solver_type_of
 from .schedule import clipped_t_max, time_grid
 
 SOLVER_MODES = ("multistep", "singlestep")
