@@ -5,7 +5,7 @@ from __future__ import annotations
 import diffusers
 
 from .adjoint_scheduler import AdjointDPMScheduler
-from .base import keep_model_keys
+from .config import keep_model_keys
 from .dc_solver import DCSolverScheduler
 from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
