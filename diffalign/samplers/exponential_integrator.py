@@ -158,7 +158,8 @@ class DPMSolverBase(VPScheduler, ConfigMixin):
     """Config, grid and driver shared by ``DPMSolverScheduler`` and ``DPMSolverPPScheduler``.
 
     Subclasses set ``predicts_data`` (True: data form, False: noise form) and implement ``coefficients(alpha_s,
-    sigma_s, alpha_t, sigma_t)``.
+    sigma_s, alpha_t, sigma_t)``. ``solver_variant`` is the second-order variant that ``solver_type`` names,
+    'midpoint' or 'heun'.
     """
 
     config_name = "scheduler_config.json"
