@@ -234,3 +234,57 @@ def test_bad_options_are_refused_by_the_config(changes, match):
 def test_a_pipeline_without_a_prompt_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match="pass a prompt file"):
         run_eval(EvalConfig(pipeline=str(tmp_path), lora="x", out=str(tmp_path / "out")))
+
+
+# tiny SD / SDXL with a tiny local CLIP reward ---------------------------------------------------------------------
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A random CLIP (32 px vision tower) with its tokenizer and image processor, saved as load_reward reads it."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = tiny.make_tokenizer(folder / "tokenizer_src")
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2)
+    config = CLIPConfig(
+        text_config=tiny.text_config(tokenizer).to_dict(),
+        vision_config=dict(vision, num_attention_heads=4),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder / "clip")
+    tokenizer.save_pretrained(folder / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder / "clip"
+    )
+    return folder / "clip"
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_tiny_pipeline_with_a_lora_and_a_local_clip_reward(tmp_path, kind):
+    pipeline = tiny.make_sd_pipeline(tmp_path) if kind == "sd" else tiny.make_sdxl_pipeline(tmp_path)
+    lora = save_random_lora(pipeline, tmp_path / "lora", scale=0.5, targets=("to_q", "to_k", "to_v", "to_out.0"))
+    clip = save_tiny_clip(tmp_path)
+    prompts = write_prompts(tmp_path / "prompts.txt", ["a red cube", "a photo of a corgi"])
+    config = EvalConfig(
+        pipeline=str(tmp_path / kind),
+        lora=str(lora),
+        prompts=str(prompts),
+        num_seeds=2,
+        nfe=2,
+        rewards=[f"clip:{clip}", f"pickscore:{clip}"],
+        bootstrap=200,
+        out=str(tmp_path / "out"),
+    )
+    report = run_eval(config)
+    own = "PNDMScheduler" if kind == "sd" else "EulerDiscreteScheduler"
+    assert report["sampler"] == own and report["guidance_scale"] == (7.5 if kind == "sd" else 5.0)
+    for name in config.rewards:
+        result = report["rewards"][name]
+        assert result["version"] == load_reward(name).version and str(clip.resolve()) in result["version"]
+        assert result["num_samples"] == 4 and 0.0 <= result["win_rate"] <= 1.0
+        low, high = result["tuned"]["mean_ci"]
+        assert low <= result["tuned"]["mean"] <= high
+    scores = report["scores"][f"pickscore:{clip}"]
+    assert scores["tuned"] != scores["base"]  # the LoRA changes the images
+    side = 64  # the UNet's sample_size 32 x the VAE factor 2
+    assert Image.open(tmp_path / "out" / "grid.png").size == (160 + 2 * (side + 2), 2 * 2 * (side + 2) + 2 * 2 * 2)
