@@ -280,6 +280,26 @@ def score_pipeline(
     return score_images(images, [p for p in prompts for _ in seeds], rewards)
 
 
+def eval_metrics(tuned: Mapping, base: Mapping, resamples: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Flat ``{"eval/<reward>/<statistic>": value}`` of ``compare_scores`` per reward, for a training log.
+
+    ``tuned`` and ``base`` are ``score_pipeline`` results on the same prompts and seeds (base: the model before
+    training, or with its LoRA disabled). Intervals become ``..._low`` / ``..._high`` entries.
+    """
+    metrics = {}
+    for name in tuned:
+        result = compare_scores(tuned[name], base[name], resamples, seed)
+        flat = {f"{model}_{key}": value for model in ("tuned", "base") for key, value in result[model].items()}
+        flat |= {key: value for key, value in result.items() if key not in ("tuned", "base", "num_samples")}
+        for key, value in flat.items():
+            if key.endswith("_ci"):
+                low, high = value
+                metrics[f"eval/{name}/{key[:-3]}_low"], metrics[f"eval/{name}/{key[:-3]}_high"] = low, high
+            else:
+                metrics[f"eval/{name}/{key}"] = value
+    return metrics
+
+
 def run_eval(config: EvalConfig) -> dict:
     """Sample, score and compare tuned vs base; write eval.json, eval.md and grid.png into ``config.out``."""
     start = time.perf_counter()

@@ -17,6 +17,7 @@ from diffalign.evaluation.bootstrap import bootstrap_indices, compare_scores, pe
 from diffalign.evaluation.harness import (
     DIGITS_PROMPTS,
     EvalConfig,
+    eval_metrics,
     load_rewards,
     run_eval,
     sample_images,
@@ -288,3 +289,13 @@ def test_tiny_pipeline_with_a_lora_and_a_local_clip_reward(tmp_path, kind):
     assert scores["tuned"] != scores["base"]  # the LoRA changes the images
     side = 64  # the UNet's sample_size 32 x the VAE factor 2
     assert Image.open(tmp_path / "out" / "grid.png").size == (160 + 2 * (side + 2), 2 * 2 * (side + 2) + 2 * 2 * 2)
+
+
+def test_eval_metrics_flatten_the_comparison_for_a_training_log():
+    tuned, base = {"digits": torch.tensor([0.0, -1.0, -0.5])}, {"digits": torch.tensor([-1.0, -1.0, -2.0])}
+    metrics = eval_metrics(tuned, base, resamples=100, seed=0)
+    result = compare_scores(tuned["digits"], base["digits"], 100, 0)
+    assert metrics["eval/digits/win_rate"] == result["win_rate"] == pytest.approx(5 / 6, abs=1e-12)
+    assert [metrics["eval/digits/win_rate_low"], metrics["eval/digits/win_rate_high"]] == result["win_rate_ci"]
+    assert metrics["eval/digits/tuned_mean"] == pytest.approx(-0.5) and metrics["eval/digits/base_median"] == -1.0
+    assert all(isinstance(value, float) for value in metrics.values()) and len(metrics) == 4 * 3 + 2 * 3
