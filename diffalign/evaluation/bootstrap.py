@@ -4,6 +4,9 @@ Percentile bootstrap (Efron & Tibshirani 1993, "An Introduction to the Bootstrap
 samples (prompt x seed cells) with replacement ``resamples`` times, compute the statistic on every draw, and report
 the 2.5% and 97.5% quantiles of those values as the 95% interval. Tuned and base scores are resampled with the same
 indices, because both models are sampled from the same initial noise: a cell's two scores form one pair.
+With ``group_size`` k > 1 the cells come in consecutive groups of k (a prompt's seeds) and whole groups are drawn
+(cluster bootstrap, Davison & Hinkley 1997, Sec. 3.8): the interval then also covers the spread between prompts, as
+for a claim about new prompts.
 
 Win-rate of tuned over base: the share of cells where the tuned score is higher, ties counting half,
 ``mean(1[t > b] + 0.5 * 1[t == b])``.
@@ -21,12 +24,16 @@ def win_rate(tuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return (tuned > base).double().mean(-1) + 0.5 * (tuned == base).double().mean(-1)
 
 
-def bootstrap_indices(num_samples: int, resamples: int, seed: int) -> torch.Tensor:
-    """(resamples, num_samples) int64 indices drawn with replacement from a generator seeded with ``seed``."""
+def bootstrap_indices(num_samples: int, resamples: int, seed: int, group_size: int = 1) -> torch.Tensor:
+    """(resamples, num_samples) int64 indices: ``num_samples / group_size`` groups of consecutive samples drawn
+    with replacement by a generator seeded with ``seed`` (``group_size`` 1: single samples)."""
     if num_samples < 1 or resamples < 1:
         raise ValueError(f"need at least one sample and one resample, got {num_samples} and {resamples}.")
+    if group_size < 1 or num_samples % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the {num_samples} samples into equal groups.")
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(num_samples, (resamples, num_samples), generator=generator)
+    groups = torch.randint(num_samples // group_size, (resamples, num_samples // group_size), generator=generator)
+    return (groups[:, :, None] * group_size + torch.arange(group_size)).flatten(1)  # (R, N)
 
 
 def percentile_interval(values: torch.Tensor, confidence: float = CONFIDENCE) -> list[float]:
@@ -48,12 +55,15 @@ def summarize(scores: torch.Tensor, indices: torch.Tensor) -> dict:
     }
 
 
-def compare_scores(tuned: torch.Tensor, base: torch.Tensor, resamples: int = 1000, seed: int = 0) -> dict:
+def compare_scores(
+    tuned: torch.Tensor, base: torch.Tensor, resamples: int = 1000, seed: int = 0, group_size: int = 1
+) -> dict:
     """Tuned vs base per-sample scores (N,) from the same noise: statistics with paired 95% bootstrap intervals.
 
     Returns ``{"tuned": {mean, mean_ci, median, median_ci}, "base": {...}, "mean_difference", "mean_difference_ci",
     "win_rate", "win_rate_ci", "num_samples"}``; every interval is ``[lower, upper]`` from the same ``resamples``
-    draws of a generator seeded with ``seed``, so a rerun gives identical numbers.
+    draws of a generator seeded with ``seed``, so a rerun gives identical numbers; ``group_size`` > 1 draws groups of
+    consecutive samples (``bootstrap_indices``).
     """
     tuned, base = tuned.detach().double().cpu().flatten(), base.detach().double().cpu().flatten()
     if tuned.shape != base.shape:
@@ -63,7 +73,7 @@ def compare_scores(tuned: torch.Tensor, base: torch.Tensor, resamples: int = 100
         )
     if not (torch.isfinite(tuned).all() and torch.isfinite(base).all()):
         raise ValueError("scores contain NaN or inf; check the reward model and the sampled images.")
-    indices = bootstrap_indices(len(tuned), resamples, seed)  # (R, N)
+    indices = bootstrap_indices(len(tuned), resamples, seed, group_size)  # (R, N)
     difference = tuned - base  # (N,)
     return {
         "tuned": summarize(tuned, indices),

@@ -32,13 +32,15 @@ def markdown_table(report: dict) -> str:
     """The report as Markdown: the settings, then one row per reward with 95% bootstrap intervals."""
     tuned = f"LoRA `{report['lora']}`" if report["lora"] else f"weights `{report['weights']}`"
     prompts = report["prompts_file"] or "built-in digit prompts"
+    bootstrap = report["bootstrap"]
+    unit = "prompt x seed cells" if bootstrap["unit"] == "cell" else "prompts (all seeds of a prompt together)"
     lines = [
         f"Tuned: `{report['pipeline']}` + {tuned}; base: `{report['pipeline']}`. "
         f"Prompts: {prompts} ({len(report['prompts'])}, sha256 {report['prompts_sha256'][:12]}), "
         f"seeds {report['seeds'][0]}..{report['seeds'][-1]} ({len(report['seeds'])} per prompt), "
         f"{report['sampler']}, NFE {report['nfe']}, guidance {report['guidance_scale']:g}. "
-        f"Mean / median [95% percentile-bootstrap interval, {report['bootstrap']['resamples']} resamples of the "
-        "prompt x seed cells, seed " + f"{report['bootstrap']['seed']}]; win-rate: tuned > base, ties count half.",
+        f"Mean / median [95% percentile-bootstrap interval, {bootstrap['resamples']} resamples of the {unit}, seed "
+        f"{bootstrap['seed']}]; win-rate: tuned > base, ties count half.",
         "",
         "| reward | base mean | tuned mean | tuned - base | base median | tuned median | win-rate |",
         "|---|---|---|---|---|---|---|",

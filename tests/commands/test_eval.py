@@ -32,7 +32,9 @@ def test_run_from_flags_prints_the_table_and_writes_the_files(tmp_path, capsys):
     try:
         load_digits_pipeline(True).save_pretrained(tmp_path / "copy")
         argv = ["--weights", str(tmp_path / "copy"), "--num-seeds", "3", "--nfe", "3", "--out", str(tmp_path / "o")]
-        config = parse_args(EvalConfig, argv + ["--guidance_scale", "1.5", "--bootstrap", "100"])
+        config = parse_args(
+            EvalConfig, argv + ["--guidance_scale", "1.5", "--bootstrap", "100", "--bootstrap_unit", "prompt"]
+        )
         assert eval_command.run(config) == 0
     finally:
         torch.set_num_threads(threads)
@@ -40,6 +42,7 @@ def test_run_from_flags_prints_the_table_and_writes_the_files(tmp_path, capsys):
     assert "| digits | " in printed and "wrote " in printed
     report = json.loads(Path(tmp_path / "o" / "eval.json").read_text())
     assert report["nfe"] == 3 and report["guidance_scale"] == 1.5 and report["seeds"] == [0, 1, 2]
+    assert report["bootstrap"]["unit"] == "prompt" and "resamples of the prompts" in printed
     assert report["rewards"]["digits"]["win_rate"] == 0.5  # the same weights: every cell is a tie
 
 

@@ -17,6 +17,7 @@ from diffalign.evaluation.bootstrap import bootstrap_indices, compare_scores, pe
 from diffalign.evaluation.harness import (
     DIGITS_PROMPTS,
     EvalConfig,
+    cell_seed,
     eval_metrics,
     load_rewards,
     run_eval,
@@ -106,6 +107,20 @@ def test_identical_models_give_win_rate_one_half_exactly_and_ties_count_half():
     assert win_rate(tuned, base).item() == pytest.approx((1 + 0.5 + 0 + 0.5) / 4, abs=0)
 
 
+def test_prompt_bootstrap_draws_whole_groups_and_covers_the_spread_between_prompts():
+    indices = bootstrap_indices(12, 50, seed=0, group_size=4).view(50, 3, 4)  # (R, groups, k)
+    assert (indices % 4 == torch.arange(4)).all() and (indices[..., 1:] - indices[..., :-1] == 1).all()
+    # 20 prompts whose 25 seeds score alike: drawing cells sees 500 samples, drawing prompts sees the 20 that exist
+    base = torch.randn(20, generator=torch.Generator().manual_seed(7)).repeat_interleave(25)  # (500,)
+    tuned = base + torch.randn(20, generator=torch.Generator().manual_seed(8)).repeat_interleave(25)
+    cell, prompt = compare_scores(tuned, base, 2000, seed=0), compare_scores(tuned, base, 2000, seed=0, group_size=25)
+    widths = [result["mean_difference_ci"][1] - result["mean_difference_ci"][0] for result in (cell, prompt)]
+    assert 3.5 < widths[1] / widths[0] < 6.5  # sqrt(25) = 5
+    assert cell["mean_difference"] == prompt["mean_difference"]
+    with pytest.raises(ValueError, match="does not divide"):
+        bootstrap_indices(10, 5, seed=0, group_size=4)
+
+
 def test_bootstrap_is_seeded():
     tuned, base = torch.randn(2, 30, generator=torch.Generator().manual_seed(4))
     first, again = compare_scores(tuned, base, 300, seed=5), compare_scores(tuned, base, 300, seed=5)
@@ -125,20 +140,23 @@ def test_bad_scores_are_refused():
 # sampling and scoring ---------------------------------------------------------------------------------------------
 
 
-def test_each_cell_starts_from_its_own_seed_whatever_the_batching():
-    """Cell (prompt, seed) equals a lone pipeline call from randn(seed), in batches of 1 and of 16."""
+def test_each_cell_starts_from_its_own_noise_whatever_the_batching_and_the_other_prompts():
+    """Cell (prompt, seed) equals a lone pipeline call from randn(cell_seed(prompt, seed)), in batches of 1 and 16."""
     pipeline = load_digits_pipeline(True)
     prompts, seeds = ["a handwritten 3", "a handwritten 8"], [5, 7, 9]
     batched = sample_images(pipeline, prompts, seeds, "DDIMScheduler", nfe=3, guidance_scale=1.5, batch_size=16)
     single = sample_images(pipeline, prompts, seeds, "DDIMScheduler", nfe=3, guidance_scale=1.5, batch_size=1)
+    alone = sample_images(pipeline, prompts[1:], seeds[1:2], "DDIMScheduler", nfe=3, guidance_scale=1.5)
     assert batched.shape == (6, 1, 8, 8) and 0.0 <= batched.min() and batched.max() <= 1.0
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched[4:5], alone, atol=1e-5, rtol=0)  # prompt 1, seed 7
     scheduler = pipeline.scheduler
     pipeline.scheduler = DDIMScheduler.from_config(scheduler.config)
-    noise = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(7))
+    noise = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(cell_seed("a handwritten 8", 7)))
     lone = pipeline("a handwritten 8", num_inference_steps=3, guidance_scale=1.5, latents=noise, output_type="pt")
-    torch.testing.assert_close(batched[4], lone.images[0], atol=1e-5, rtol=0)  # prompt 1, seed 7
+    torch.testing.assert_close(batched[4], lone.images[0], atol=1e-5, rtol=0)
     pipeline.scheduler = scheduler
+    assert len({cell_seed(p, s) for p in prompts for s in seeds}) == 6 and cell_seed("a", 0) < 2**63
 
 
 def test_score_pipeline_gives_one_score_per_cell_and_leaves_the_scheduler_alone():
@@ -168,12 +186,13 @@ def test_digits_run_writes_json_markdown_and_grid_with_hashes_and_versions(tmp_p
     digits = report["rewards"]["digits"]
     assert digits["version"] == load_reward("digits").version and digits["version"].startswith("embedded:digits")
     assert digits["num_samples"] == 4 and len(report["scores"]["digits"]["tuned"]) == 4
-    assert report["bootstrap"] == {"resamples": 1000, "seed": 0, "confidence": 0.95}
+    assert report["bootstrap"] == {"resamples": 1000, "seed": 0, "unit": "cell", "confidence": 0.95}
 
     # the base scores are the digits classifier's log p(digit) of plain DDIM samples from randn(seed)
     pipeline = load_digits_pipeline(True)
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-    noise = torch.cat([torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(s)) for s in (0, 1)] * 2)
+    cells = [cell_seed(p, s) for p in report["prompts"] for s in (0, 1)]
+    noise = torch.cat([torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(c)) for c in cells])
     samples = pipeline(report["prompts"], 2, 1.0, 2, latents=noise, output_type="latent").images  # (4, 1, 8, 8)
     log_probs = load_digits_classifier()(samples.clamp(-1, 1)).log_softmax(dim=1)[torch.arange(4), [4, 4, 7, 7]]
     torch.testing.assert_close(torch.tensor(report["scores"]["digits"]["base"]), log_probs, atol=1e-4, rtol=0)
