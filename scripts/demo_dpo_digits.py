@@ -34,22 +34,14 @@ DEMO_CONFIG = dict(
 """The demo's training options (measured on 2 CPU cores; see docs/training.md, "Embedded demo")."""
 
 
-EVAL_BATCH = 1000
-"""Images per pipeline call in the evaluation (the digits UNet is tiny)."""
-
-
 def eval_command(lora: Path, out: Path, num_seeds: int) -> str:
     """The ``diffalign eval`` command line that ``evaluate`` runs."""
-    seeds = f"--first_seed {EVAL_SEED_OFFSET} --num_seeds {num_seeds}"
-    return f"diffalign eval --lora {lora} {seeds} --batch_size {EVAL_BATCH} --out {out}"
+    return f"diffalign eval --lora {lora} --first_seed {EVAL_SEED_OFFSET} --num_seeds {num_seeds} --out {out}"
 
 
 def evaluate(lora: Path, out: Path, num_seeds: int) -> dict:
     """``diffalign eval`` of a LoRA against digits-cond on held-out seeds, plus mean p(digit) = exp(reward)."""
-    config = EvalConfig(
-        lora=str(lora), first_seed=EVAL_SEED_OFFSET, num_seeds=num_seeds, batch_size=EVAL_BATCH, out=str(out)
-    )
-    report = run_eval(config)
+    report = run_eval(EvalConfig(lora=str(lora), first_seed=EVAL_SEED_OFFSET, num_seeds=num_seeds, out=str(out)))
     scores = report["scores"]["digits"]
     probabilities = compare_scores(torch.tensor(scores["tuned"]).exp(), torch.tensor(scores["base"]).exp())
     return {"report": report, "log_p": report["rewards"]["digits"], "p": probabilities}

@@ -38,6 +38,8 @@ DIGITS_SAMPLING = {"sampler": "DDIMScheduler", "nfe": 2, "guidance_scale": 1.0}
 ~97% accurate and there is room to improve (at 50 guided steps it is ~99.8%)."""
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 """The LoRA file name diffusers' ``save_lora_weights`` writes (and ``diffalign train`` saves)."""
+DIGITS_BATCH = 1000
+"""digits-cond's default images per pipeline call (8x8 images: fewer, larger calls are much faster on a CPU)."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -83,7 +85,9 @@ class EvalConfig:
         "classifier-free guidance scale (default: 1.0 = off for digits-cond, else the pipeline's default)",
         "sampling",
     )
-    batch_size: int = option(16, "images per pipeline call", "sampling")
+    batch_size: int | None = option(
+        None, "images per pipeline call (default: 1000 for digits-cond, 16 otherwise)", "sampling"
+    )
     # scoring
     rewards: list[str] = option(
         ("digits",),
@@ -113,11 +117,9 @@ class EvalConfig:
                 "no tuned model: pass lora=FOLDER (--lora) or weights=PIPELINE_FOLDER (--weights) to compare against "
                 f"the base pipeline {self.pipeline!r}."
             )
-        for name in ("num_seeds", "batch_size", "bootstrap"):
-            if getattr(self, name) < 1:
+        for name in ("num_seeds", "bootstrap", "batch_size", "nfe"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.nfe is not None and self.nfe < 1:
-            raise ValueError(f"nfe must be >= 1, got {self.nfe}.")
         if not self.rewards:
             raise ValueError("rewards is empty; name at least one reward model, e.g. 'digits'.")
 
@@ -329,13 +331,14 @@ def run_eval(config: EvalConfig) -> dict:
 
     pipeline = load_pipeline(config.pipeline, config.revision, config.dtype, device)
     settings = resolve_sampling(pipeline, config.sampler, config.nfe, config.guidance_scale)
-    images = {"base": sample_images(pipeline, prompts, seeds, batch_size=config.batch_size, **settings)}
+    batch_size = config.batch_size or (DIGITS_BATCH if isinstance(pipeline, DigitsPipeline) else 16)
+    images = {"base": sample_images(pipeline, prompts, seeds, batch_size=batch_size, **settings)}
     if config.lora is not None:
         load_lora(pipeline, config.lora)
     else:
         del pipeline
         pipeline = load_pipeline(config.weights, None, config.dtype, device)
-    images["tuned"] = sample_images(pipeline, prompts, seeds, batch_size=config.batch_size, **settings)
+    images["tuned"] = sample_images(pipeline, prompts, seeds, batch_size=batch_size, **settings)
     scores = {model: score_images(images[model], cell_prompts, rewards) for model in images}
 
     group = len(seeds) if config.bootstrap_unit == "prompt" else 1
