@@ -1,12 +1,12 @@
 """The eval harness behind ``diffalign eval``: a tuned model against its base from the same noise, scored by rewards.
 
 Every (prompt, seed) cell is sampled twice, by the tuned model (the pipeline plus a LoRA, or a fully fine-tuned
-pipeline) and by the base model, from the same initial noise ``randn(seed)``, with the same sampler, NFE and
-guidance. Each reward scores both images of a cell, and ``bootstrap.compare_scores`` reports per reward the mean and
-median of both models and the win-rate of tuned over base, with paired percentile-bootstrap 95% intervals over the
-cells (the evaluation protocol of Diffusion-DPO, Wallace et al. 2023, Sec. 5: reward means and win-rates over
-fixed prompts; here with intervals). ``score_pipeline`` is the sampling + scoring half alone, for use during
-training.
+pipeline) and by the base model, from the same initial noise (``randn`` seeded with ``cell_seed(prompt, seed)``),
+with the same sampler, NFE and guidance. Each reward scores both images of a cell, and
+``bootstrap.compare_scores`` reports per reward the mean and median of both models and the win-rate of tuned over
+base, with paired percentile-bootstrap 95% intervals over the cells (the evaluation protocol of Diffusion-DPO,
+Wallace et al. 2023: reward scores and win-rates against the base model on fixed prompts; here with intervals).
+``score_pipeline`` is the sampling + scoring half alone, for use during training.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class EvalConfig:
         "imagereward, aesthetic, or name:folder_or_hub_id)",
         "scoring",
     )
-    bootstrap: int = option(1000, "bootstrap resamples of the prompt x seed cells", "scoring")
+    bootstrap: int = option(1000, "bootstrap resamples", "scoring")
     bootstrap_seed: int = option(0, "seed of the bootstrap resampling", "scoring")
     bootstrap_unit: Literal["cell", "prompt"] = option(
         "cell",
@@ -298,15 +298,18 @@ def score_pipeline(
     return score_images(images, [p for p in prompts for _ in seeds], rewards)
 
 
-def eval_metrics(tuned: Mapping, base: Mapping, resamples: int = 1000, seed: int = 0) -> dict[str, float]:
+def eval_metrics(
+    tuned: Mapping, base: Mapping, resamples: int = 1000, seed: int = 0, group_size: int = 1
+) -> dict[str, float]:
     """Flat ``{"eval/<reward>/<statistic>": value}`` of ``compare_scores`` per reward, for a training log.
 
     ``tuned`` and ``base`` are ``score_pipeline`` results on the same prompts and seeds (base: the model before
-    training, or with its LoRA disabled). Intervals become ``..._low`` / ``..._high`` entries.
+    training, or with its LoRA disabled); ``group_size`` as in ``compare_scores`` (the number of seeds: a prompt
+    bootstrap). Intervals become ``..._low`` / ``..._high`` entries.
     """
     metrics = {}
     for name in tuned:
-        result = compare_scores(tuned[name], base[name], resamples, seed)
+        result = compare_scores(tuned[name], base[name], resamples, seed, group_size)
         flat = {f"{model}_{key}": value for model in ("tuned", "base") for key, value in result[model].items()}
         flat |= {key: value for key, value in result.items() if key not in ("tuned", "base", "num_samples")}
         for key, value in flat.items():
