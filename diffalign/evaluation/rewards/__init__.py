@@ -53,7 +53,6 @@ def load_reward(
                 f"{name_or_path} is a path; say which reward it holds as 'name:path', e.g. 'pickscore:{name_or_path}' "
                 f"(rewards: {sorted(REWARDS)})."
             )
-        reward_class(name)  # raises: unknown name
     return reward_class(name).load(source or None, device=device, revision=revision, **kwargs)
 
 

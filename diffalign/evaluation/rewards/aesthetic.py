@@ -83,7 +83,8 @@ class AestheticPredictor(CLIPRewardBase):
                 f"the aesthetic MLP takes {mlp.layers[0].in_features}-D features but the CLIP model {clip} gives "
                 f"{model.config.projection_dim}-D ones; pair the MLP with the CLIP it was trained on (ViT-L/14)."
             )
-        reward = cls(model, tokenizer, image_processor, f"mlp {folder_version(mlp_file.parent)}; clip {clip_version}")
+        mlp_version = folder_version(mlp_file.parent, (mlp_file.name, "reward_source.json"))
+        reward = cls(model, tokenizer, image_processor, f"mlp {mlp_version}; clip {clip_version}")
         reward.mlp = mlp.to(device).eval()
         reward.batch_size = batch_size or reward.batch_size
         return reward

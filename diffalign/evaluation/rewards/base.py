@@ -33,7 +33,10 @@ class RewardModel:
 
     @torch.no_grad()
     def score(self, images: ImageBatch, prompts: list[str]) -> torch.Tensor:
-        """Score image i against prompt i: N images (PIL list or (N, C, H, W) in [0, 1]) -> (N,) float32 on CPU."""
+        """Score image i against prompt i: N images (PIL list or (N, C, H, W) in [0, 1]) -> (N,) float32 on CPU.
+
+        Runs without gradients, in batches of ``batch_size``; a batch's scores do not depend on the other images.
+        """
         if isinstance(prompts, str):
             raise TypeError(f"prompts must be a list of N strings, one per image, not the single string {prompts!r}.")
         prompts = list(prompts)
@@ -97,9 +100,9 @@ def content_hash(folder: str | Path, patterns: tuple[str, ...] = ("*.json", "*.t
     return digest.hexdigest()[:16]
 
 
-def folder_version(folder: str | Path) -> str:
+def folder_version(folder: str | Path, patterns: tuple[str, ...] = ("*.json", "*.txt", "*.safetensors")) -> str:
     """``"<absolute folder>#sha256:<16 hex>"``: what a run records for a model read from a local folder."""
-    return f"{Path(folder).resolve()}#sha256:{content_hash(folder)}"
+    return f"{Path(folder).resolve()}#sha256:{content_hash(folder, patterns)}"
 
 
 def converted_dir(name: str) -> Path:
@@ -123,7 +126,8 @@ def converted_source(name: str, source: str | None) -> str:
 
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
-WEIGHT_PATTERNS = ("*.json", "*.txt", "*.safetensors")
+MODEL_PATTERNS = ("*.json", "*.txt", "*.safetensors")  # configs, tokenizers, weights: never pickles
+PROCESSOR_PATTERNS = ("*.json", "*.txt")  # tokenizer and image-processor files only
 
 
 def refuse_pickle(source: str) -> None:
@@ -136,8 +140,11 @@ def refuse_pickle(source: str) -> None:
         )
 
 
-def resolve_source(source: str, revision: str | None = None) -> tuple[Path, str]:
-    """A local folder or hub id -> (local folder, version). Hub files are json/txt/safetensors only (no pickles).
+def resolve_source(
+    source: str, revision: str | None = None, patterns: tuple[str, ...] = MODEL_PATTERNS
+) -> tuple[Path, str]:
+    """A local folder or hub id -> (local folder, version). Only files matching ``patterns`` are fetched from the hub
+    and hashed in a folder (json/txt/safetensors: never a pickle).
 
     The version is ``"<folder>#sha256:<hash>"`` for a folder and ``"<repo_id>@<commit>"`` for a hub id, the commit
     being the one ``revision`` (default: the main branch) resolved to, so a run records exactly what it scored with.
@@ -149,7 +156,7 @@ def resolve_source(source: str, revision: str | None = None) -> tuple[Path, str]
             raise ValueError(f"{source} is a file; pass the folder that holds the model (config + safetensors).")
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to hub ids only; {source} is a local folder.")
-        return path, folder_version(path)
+        return path, folder_version(path, patterns)
     if source.startswith(("/", ".", "~")) or source.count("/") != 1:
         raise FileNotFoundError(
             f"no reward-model folder at {source}; pass an existing local folder or a hub id 'owner/name'."
@@ -157,13 +164,13 @@ def resolve_source(source: str, revision: str | None = None) -> tuple[Path, str]
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(source, revision=revision, allow_patterns=list(WEIGHT_PATTERNS)))
+        folder = Path(snapshot_download(source, revision=revision, allow_patterns=list(patterns)))
     except Exception as error:  # offline, unknown repo or revision: say what to do
         raise FileNotFoundError(
             f"could not fetch {source}@{revision or 'main'} from the hub ({type(error).__name__}: {error}); check the "
             "id and revision and the network (HF_HUB_OFFLINE=1 needs it cached), or pass a local folder."
         ) from error
-    if not any(folder.glob("*.safetensors")):
+    if any(pattern.endswith(".safetensors") for pattern in patterns) and not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(
             f"{source}@{revision or 'main'} publishes no safetensors weights; convert its pickled checkpoint once "
             "with scripts/convert_reward_checkpoint.py and pass the written folder."

@@ -21,21 +21,21 @@ try:  # transformers >= 5: pick the PIL backend explicitly (the torchvision one 
 except ImportError:  # transformers 4: CLIPImageProcessor is PIL/numpy-based
     from transformers import CLIPImageProcessor
 
-from .base import ImageBatch, RewardModel, resolve_source, to_pil_images
+from .base import PROCESSOR_PATTERNS, ImageBatch, RewardModel, resolve_source, to_pil_images
 
 
 def load_clip_model(
     source: str, revision: str | None, device: str | torch.device, dtype: torch.dtype
 ) -> tuple[CLIPModel, str]:
     """A ``CLIPModel`` (safetensors only) from a folder or hub id, in eval mode, and its version string."""
-    folder, version = resolve_source(source, revision)
+    folder, version = resolve_source(source, revision, ("*.json", "*.txt", "model*.safetensors"))
     model = CLIPModel.from_pretrained(folder, use_safetensors=True).to(device, dtype).eval()
     return model, version
 
 
 def load_clip_processing(source: str, revision: str | None) -> tuple[CLIPTokenizer, CLIPImageProcessor, str]:
     """The tokenizer and (PIL-backend) image processor saved in a folder or hub repo, and their version string."""
-    folder, version = resolve_source(source, revision)
+    folder, version = resolve_source(source, revision, PROCESSOR_PATTERNS)
     if not (Path(folder) / "preprocessor_config.json").is_file():
         raise FileNotFoundError(
             f"{source} has no preprocessor_config.json; pass processor=FOLDER_OR_HUB_ID holding the CLIP processor "
@@ -66,13 +66,14 @@ class CLIPRewardBase(RewardModel):
     ) -> CLIPRewardBase:
         """The model from ``source`` (default: the published hub id); ``processor`` defaults to the published one
         for the published model and to ``source`` itself for any other folder or hub id."""
-        model, version = load_clip_model(source or cls.default_model, revision, device, dtype)
-        if processor is None and source is None and cls.default_processor:
+        source = source or cls.default_model
+        model, version = load_clip_model(source, revision, device, dtype)
+        if processor is None and source == cls.default_model and cls.default_processor:
             processor = cls.default_processor
         elif processor is None:
-            processor, processor_revision = source or cls.default_model, revision
+            processor, processor_revision = source, revision
         tokenizer, image_processor, processor_version = load_clip_processing(processor, processor_revision)
-        if processor_version != version:
+        if (processor, processor_revision) != (source, revision):
             version = f"{version} (processor {processor_version})"
         reward = cls(model, tokenizer, image_processor, version)
         reward.batch_size = batch_size or reward.batch_size

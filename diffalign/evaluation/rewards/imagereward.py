@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 from transformers import BertTokenizerFast, BlipConfig, BlipTextModel, BlipVisionModel
@@ -69,7 +70,7 @@ class ImageReward(RewardModel):
         self.image_processor = CLIPImageProcessor(
             size={"shortest_edge": size},
             crop_size={"height": size, "width": size},
-            resample=3,  # PIL.Image.BICUBIC
+            resample=Image.Resampling.BICUBIC,
             image_mean=CLIP_MEAN,
             image_std=CLIP_STD,
         )
