@@ -13,9 +13,9 @@ DESCRIPTION = (
     "the fine-tuned pipeline --weights) and once with the base pipeline, from the same initial noise, sampler, NFE "
     "and guidance; score both with each reward model; report per reward the mean and median of both models and the "
     "win-rate of tuned over base (ties count half), each with a 95% percentile-bootstrap interval over the prompt x "
-    "seed cells. Writes eval.json (settings, prompt-file sha256, reward versions, per-sample scores), eval.md and "
-    "grid.png into --out. Default: the embedded digits-cond model with its ten digit prompts and the digits "
-    "classifier reward (no download, seconds on a CPU)."
+    "seed cells (or over prompts: --bootstrap_unit prompt). Writes eval.json (settings, prompt-file sha256, reward "
+    "versions, per-sample scores), eval.md and grid.png into --out. Default: the embedded digits-cond model with its "
+    "ten digit prompts and the digits classifier reward (no download, seconds on a CPU)."
 )
 CONFIG = EvalConfig
 
