@@ -12,6 +12,8 @@ from typing import Literal
 
 from ..options import option, parse_args, validate_choices
 from .methods import METHODS, DPOOptions, get_method, method_options
+from .rankdpo import RankDPOOptions
+from .smpo import SmPOOptions
 
 EMBEDDED_MODEL = "digits-cond"
 
@@ -111,7 +113,7 @@ class RunOptions:
 
 
 @dataclass
-class TrainConfig(DPOOptions, RunOptions):
+class TrainConfig(RankDPOOptions, SmPOOptions, DPOOptions, RunOptions):
     """Options of one preference-training run: the shared ones, then every registered method's own options."""
 
     def __post_init__(self):

@@ -115,6 +115,12 @@ METHODS: dict[str, type[PreferenceMethod]] = {"dpo": DiffusionDPO}
 """Registered preference methods by their ``--method`` name."""
 
 
+def register(method: type[PreferenceMethod]) -> type[PreferenceMethod]:
+    """Class decorator: add ``method`` to ``METHODS`` under its ``name`` (methods in their own modules)."""
+    METHODS[method.name] = method
+    return method
+
+
 def get_method(name: str) -> type[PreferenceMethod]:
     """The method class registered as ``name``; a ValueError lists the registered ones otherwise."""
     if name not in METHODS:
