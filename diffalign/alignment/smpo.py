@@ -76,12 +76,14 @@ class SmPOOptions:
         GROUP,
     )
     smpo_inversion_steps: int = option(INVERSION_STEPS, "DDIM inversion steps from 0 to t", GROUP)
-    smpo_renoise: int = option(0, "ReNoise fixed-point refinements per inversion step (0: plain DDIM inversion)", GROUP)
+    smpo_renoise: int = option(0, "ReNoise refinements per inversion step (0: plain DDIM inversion)", GROUP)
 
     def __post_init__(self):
         validate_choices(self)
         if self.smpo_beta <= 0 or self.smpo_beta_scale <= 0:
-            raise ValueError(f"smpo_beta and smpo_beta_scale must be > 0, got {self.smpo_beta}, {self.smpo_beta_scale}.")
+            raise ValueError(
+                f"smpo_beta and smpo_beta_scale must be > 0, got {self.smpo_beta} and {self.smpo_beta_scale}."
+            )
         if self.smpo_inversion_steps < 1 or self.smpo_renoise < 0:
             raise ValueError("smpo_inversion_steps must be >= 1 and smpo_renoise >= 0.")
         parse_score_range(self.smpo_score_range)
