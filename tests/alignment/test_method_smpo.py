@@ -2,19 +2,28 @@
 the inversion provider with the method's options (its round trip on digits: test_noise.py), the score ranges, the
 checks on its data."""
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import write_ranked_parquet
 from scored_fixtures import make_scored_digits, with_scores
 
-from diffalign.alignment.config import TrainConfig
+from diffalign.alignment.config import TrainConfig, parse_config
 from diffalign.alignment.losses import SMPO_PICKSCORE_RANGE
 from diffalign.alignment.methods import DiffusionDPO, DPOOptions, MethodInputs
 from diffalign.alignment.noise import NoiseRequest, inversion_noise
 from diffalign.alignment.smpo import SCORE_RANGES, SmPO, SmPOOptions, parse_score_range
 from diffalign.alignment.trainer import train
 from diffalign.pipelines.digits import load_digits_pipeline
+
+_spec = importlib.util.spec_from_file_location(
+    "tiny_pipelines", Path(__file__).resolve().parents[1] / "pipelines" / "tiny_pipelines.py"
+)
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +120,31 @@ def test_score_ranges_and_bad_input():
     with pytest.raises(ValueError, match="diffalign pairs"):
         pairs = errors[:, :2]
         SmPO(SmPOOptions()).loss(MethodInputs({}, pairs, None, pairs, pairs, pairs))
+
+
+def test_smpo_one_lora_step_with_policy_inversion_on_tiny_sdxl(tmp_path):
+    tiny.make_sdxl_pipeline(tmp_path)
+    dataset = write_ranked_parquet(tmp_path / "pairs.parquet", num_rows=2, k=2)  # scores (r, r - 0.1)
+    result = train(
+        config(
+            tmp_path,
+            dataset,
+            "out",
+            pretrained_model_name_or_path=str(tmp_path / "sdxl"),
+            smpo_score_range="pickscore",
+            smpo_inversion_steps=2,
+            train_batch_size=2,
+            max_train_samples=None,
+        )
+    )
+    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at the start
+    width = parse_score_range("pickscore")[1] - parse_score_range("pickscore")[0]
+    assert result.history[0]["preference"] == pytest.approx(1 / (1 + math.exp(-0.1 / width)), abs=1e-6)
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_cli_parses_the_method_options():
+    config = parse_config(["--method", "smpo", "--smpo_noise", "forward", "--smpo-score-range=-2,0"])
+    assert (config.method, config.smpo_noise, config.smpo_score_range) == ("smpo", "forward", "-2,0")
+    config = parse_config(["--method", "rankdpo", "--rankdpo_ranking", "labels", "--rankdpo_normalize", "false"])
+    assert (config.rankdpo_ranking, config.rankdpo_normalize, config.rankdpo_gain) == ("labels", False, "synpic")
