@@ -66,7 +66,8 @@ class SmPOOptions:
         "pickscore",
         f"(min, max) that normalises the reward scores, p = sigmoid((s_0 - s_1) / (max - min)): one of "
         f"{sorted(SCORE_RANGES)} (the reward that scored the data; 'pickscore': diffalign's pickscore reward = "
-        "100 x the official cosine range; 'digits': p = p_0 / (p_0 + p_1)) or 'MIN,MAX' (negative: --smpo_score_range=-2,0)",
+        "100 x the official cosine range; 'digits': p = p_0 / (p_0 + p_1)) or 'MIN,MAX' (negative: "
+        "--smpo_score_range=-2,0)",
         GROUP,
     )
     smpo_noise: Literal["inversion", "forward"] = option(
