@@ -31,7 +31,7 @@ from diffalign.evaluation.harness import EvalConfig, run_eval
 DEMO_CONFIG = dict(
     max_train_steps=100,
     train_batch_size=16,
-    learning_rate=3e-4,
+    learning_rate=1e-4,
     lora_rank=8,
     lora_target_modules="to_v,to_out.0,conv1,conv2",
     checkpointing_steps=0,
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--out", default="demo_smpo_rankdpo", help="output folder (default: %(default)s)")
     parser.add_argument("--num_seeds", type=int, default=300, help="held-out seeds per digit (default: %(default)s)")
     parser.add_argument(
-        "--prompts_per_digit", type=int, default=16, help="prompt copies per digit, K = 4 each (default: %(default)s)"
+        "--prompts_per_digit", type=int, default=32, help="prompt copies per digit, K = 4 each (default: %(default)s)"
     )
     for name in ("max_train_steps", "train_batch_size", "learning_rate"):
         parser.add_argument(f"--{name}", type=type(DEMO_CONFIG[name]), default=DEMO_CONFIG[name])
