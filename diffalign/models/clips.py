@@ -72,23 +72,26 @@ def drift_offsets(num_frames: int) -> torch.Tensor:
     return torch.round(torch.linspace(-1.0, 1.0, num_frames)).long()
 
 
+def shift_images(images: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Shift images (N, 1, 8, 8) in [-1, 1] by offsets (N, 2) of (dy, dx) in {-1, 0, 1}, filling with -1."""
+    if images.ndim != 4 or images.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"expected images (N, 1, 8, 8), got {tuple(images.shape)}.")
+    if offsets.shape != (len(images), 2) or offsets.abs().max() > 1:
+        raise ValueError(f"offsets must be (N, 2) = ({len(images)}, 2) steps in {{-1, 0, 1}}, got {offsets}.")
+    padded = torch.nn.functional.pad(images[:, 0], (1, 1, 1, 1), value=-1.0)  # (N, 10, 10)
+    grid = torch.arange(IMAGE_SIZE, device=images.device) + 1  # (8,) rows / columns of the image inside the padding
+    dy, dx = offsets.long().to(images.device).unbind(1)  # (N,), (N,)
+    rows = grid[None] - dy[:, None]  # (N, 8): output row r shows input row r - dy
+    cols = grid[None] - dx[:, None]  # (N, 8)
+    clip_index = torch.arange(len(images), device=images.device)[:, None, None]  # (N, 1, 1)
+    return padded[clip_index, rows[:, :, None], cols[:, None, :]][:, None]  # (N, 1, 8, 8)
+
+
 def make_digit_clips(images: torch.Tensor, directions: torch.Tensor, num_frames: int = NUM_FRAMES) -> torch.Tensor:
     """Clips of digits drifting along ``directions``: images (N, 1, 8, 8) in [-1, 1], directions (N, 2) of (dy, dx)
     in {-1, 0, 1} -> clips (N, 1, F, 8, 8), frame f shifted by ``drift_offsets(F)[f] * (dy, dx)``, border -1."""
-    if images.ndim != 4 or images.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"make_digit_clips expects images (N, 1, 8, 8), got {tuple(images.shape)}.")
-    if directions.shape != (len(images), 2) or directions.abs().max() > 1:
-        raise ValueError(f"directions must be (N, 2) = ({len(images)}, 2) steps in {{-1, 0, 1}}, got {directions}.")
-    padded = torch.nn.functional.pad(images[:, 0], (1, 1, 1, 1), value=-1.0)  # (N, 10, 10)
-    grid = torch.arange(IMAGE_SIZE) + 1  # (8,) rows / columns of the unshifted image inside the padding
-    clip_index = torch.arange(len(images))[:, None, None]  # (N, 1, 1)
-    frames = []
-    for offset in drift_offsets(num_frames).tolist():
-        dy, dx = (offset * directions.long()).unbind(1)  # (N,), (N,)
-        rows = grid[None] - dy[:, None]  # (N, 8): output row r shows input row r - dy
-        cols = grid[None] - dx[:, None]  # (N, 8)
-        frames.append(padded[clip_index, rows[:, :, None], cols[:, None, :]])  # (N, 8, 8)
-    return torch.stack(frames, dim=1)[:, None]  # (N, 1, F, 8, 8)
+    frames = [shift_images(images, offset * directions) for offset in drift_offsets(num_frames).tolist()]
+    return torch.stack(frames, dim=2)  # (N, 1, F, 8, 8)
 
 
 def load_digit_clips(
@@ -102,6 +105,24 @@ def load_digit_clips(
     generator = torch.Generator().manual_seed(seed)
     directions = DIRECTIONS[torch.randint(0, len(DIRECTIONS), (len(images),), generator=generator)]  # (N, 2)
     return make_digit_clips(images, directions, num_frames), labels
+
+
+def drift_residual(clips: torch.Tensor) -> torch.Tensor:
+    """How far clips (B, 1, F, 8, 8) in [-1, 1] are from a rigid one-pixel drift: (B,), the mean over consecutive
+    frame pairs of min over shifts (dy, dx) in {-1, 0, 1}^2 of the mean squared difference between frame f + 1 and
+    frame f shifted (border -1). The training clips score 0.017 on average (pixels lost at the border), clips of
+    independent digits of the same class 0.29."""
+    batch_size, _, num_frames = clips.shape[:3]
+    if num_frames < 2:
+        raise ValueError(f"drift_residual needs clips of at least two frames, got {tuple(clips.shape)}.")
+    previous = clips[:, 0, :-1].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)  # (B (F-1), 1, 8, 8)
+    following = clips[:, 0, 1:].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)  # (B (F-1), 1, 8, 8)
+    steps = torch.cat([DIRECTIONS, torch.zeros(1, 2, dtype=torch.long)])  # (9, 2): every one-pixel shift
+    errors = [
+        (shift_images(previous, step.expand(len(previous), 2)) - following).pow(2).mean(dim=(1, 2, 3))
+        for step in steps
+    ]  # 9 x (B (F-1),)
+    return torch.stack(errors).amin(dim=0).reshape(batch_size, num_frames - 1).mean(dim=1)
 
 
 def build_digits_clip_unet(image_unet: UNet2DConditionModel | None = None) -> UNet3DConditionModel:
