@@ -147,9 +147,14 @@ def build_digits_clip_unet(image_unet: UNet2DConditionModel | None = None) -> UN
     )
     if image_unet is None:
         return unet
-    video_state = unet.state_dict()
-    image_state = {key: value.reshape(video_state[key].shape) for key, value in image_unet.state_dict().items()}
-    unet.load_state_dict(image_state, strict=False)
+    video_state, image_state = unet.state_dict(), image_unet.state_dict()
+    foreign = [k for k, v in image_state.items() if k not in video_state or video_state[k].numel() != v.numel()]
+    if foreign:
+        raise ValueError(
+            f"image_unet does not have digits-cond's layout ({len(foreign)} weights do not fit, e.g. {foreign[0]}); "
+            "pass load_digits_unet(conditional=True) or a UNet2DConditionModel built by build_digits_unet(True)."
+        )
+    unet.load_state_dict({k: v.reshape(video_state[k].shape) for k, v in image_state.items()}, strict=False)
     for temporal_attention in [unet.transformer_in, *unet.mid_block.temp_attentions]:
         torch.nn.init.zeros_(temporal_attention.proj_out.weight)
         torch.nn.init.zeros_(temporal_attention.proj_out.bias)

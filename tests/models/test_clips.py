@@ -26,7 +26,12 @@ from diffalign.models.clips import (
     load_digits_clip_pipeline,
     make_digit_clips,
 )
-from diffalign.pipelines.digits import load_digits_classifier, load_digits_data, load_digits_pipeline
+from diffalign.pipelines.digits import (
+    build_digits_unet,
+    load_digits_classifier,
+    load_digits_data,
+    load_digits_pipeline,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # measured on the shipped weights with the sampling of test_samples_show_the_prompted_digit_drifting (20 clips):
@@ -75,6 +80,8 @@ def test_inflated_unet_is_the_image_unet_on_every_frame():
         frames = clips.transpose(1, 2).reshape(8, 1, 8, 8)
         image = image_pipe.unet(frames, t.repeat_interleave(4), encoder_hidden_states=hidden.repeat_interleave(4, 0))
     torch.testing.assert_close(video, image.sample.reshape(2, 4, 1, 8, 8).transpose(1, 2), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="digits-cond's layout"):
+        build_digits_clip_unet(build_digits_unet(conditional=False))
 
 
 def test_shipped_model_is_a_small_float16_unet3d(pipe):
