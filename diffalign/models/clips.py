@@ -110,8 +110,8 @@ def load_digit_clips(
 def drift_residual(clips: torch.Tensor) -> torch.Tensor:
     """How far clips (B, 1, F, 8, 8) in [-1, 1] are from a rigid one-pixel drift: (B,), the mean over consecutive
     frame pairs of min over shifts (dy, dx) in {-1, 0, 1}^2 of the mean squared difference between frame f + 1 and
-    frame f shifted (border -1). The training clips score 0.017 on average (pixels lost at the border), clips of
-    independent digits of the same class 0.29."""
+    frame f shifted (border -1). The training clips score 0.017 (pixels lost at the border), the shipped model's
+    samples 0.12, independent digits-cond samples of one prompt per frame 0.18, independent dataset digits 0.29."""
     batch_size, _, num_frames = clips.shape[:3]
     if num_frames < 2:
         raise ValueError(f"drift_residual needs clips of at least two frames, got {tuple(clips.shape)}.")
