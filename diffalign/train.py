@@ -16,11 +16,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if not PartialState().is_main_process:
         return 0
-    if result.history:
-        last = result.history[-1]
-        print(f"step {result.global_step}: loss {last['loss']:.4f}, implicit accuracy {last['implicit_accuracy']:.3f}")
-    print(f"wrote {result.output_dir}")
+    print(summary_line(result, config))
     return 0
+
+
+def summary_line(result, config) -> str:
+    """'step N: loss x, <the method's displayed metrics>; wrote <folder>' for the end of a run."""
+    from .alignment.methods import get_method
+
+    if not result.history:
+        return f"wrote {result.output_dir}"
+    last = result.history[-1]
+    shown = [key for key in ("loss", *get_method(config.method).display) if key in last]
+    metrics = ", ".join(f"{key.replace('_', ' ')} {last[key]:.4f}" for key in shown)
+    return f"step {result.global_step}: {metrics}; wrote {result.output_dir}"
 
 
 if __name__ == "__main__":

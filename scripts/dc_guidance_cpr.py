@@ -56,7 +56,15 @@ def main() -> None:
         cpr.cpr_coeffs = scheduler.cpr_coeffs
         if (nfe, g) in HELD_OUT:
             direct = DCSolverScheduler.from_config(scheduler.config, guidance_scale=g)
-            direct = calibrate_dc(held.model_for(g), direct, nfe=nfe, guidance_scale=g, cpr=False, **SETTINGS)
+            direct = calibrate_dc(
+                held.model_for(g),
+                direct,
+                nfe=nfe,
+                guidance_scale=g,
+                cpr=False,
+                sample_shape=held.sample_shape,
+                **SETTINGS,
+            )
             label = "held out"
         else:
             direct = DCSolverScheduler.from_config(scheduler.config, guidance_scale=g)

@@ -1,9 +1,10 @@
-"""Preference losses over per-sample denoising errors: one pure function per method.
+"""Preference losses over denoising errors: one pure function per method, plus the reductions they share.
 
-Every function here takes the per-sample errors L_m(x) = ||eps - eps_m(x_t, c, t)||^2 (mean over pixels or latents)
-of the policy and of the reference on the preferred ("w") and rejected ("l") sample of each pair, computed at the
-same timestep and noise, and returns ``(loss, metrics)``. Nothing here touches a model, so each method's maths is
-testable on hand-made numbers.
+The trainer hands a method the unreduced per-element squared errors (model output - target)^2 of the policy and the
+reference, (B, K, c, h, w); a method reduces them (``candidate_errors``: the mean over elements, the L_m(x) =
+||eps - eps_m(x_t, c, t)||^2 of Diffusion-DPO; per segment or per patch for the dense methods) and passes them to
+its loss here, which returns ``(loss, metrics)``. Nothing here touches a model, so each method's maths is testable
+on hand-made numbers.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ import torch
 import torch.nn.functional as F
 
 
+def squared_errors(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Unreduced per-element squared errors in float32: (N, C, H, W) x 2 -> (N, C, H, W)."""
+    return (model_pred.float() - target.float()).pow(2)
+
+
 def denoising_errors(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample mean squared error in float32: (B, C, H, W) x 2 -> (B,)."""
-    return (model_pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return squared_errors(model_pred, target).flatten(1).mean(dim=1)
 
 
 def diffusion_dpo_loss(
@@ -378,5 +384,110 @@ def patchdpo_loss(
         "generated_error": errors[:, 1:].mean(),
         "reference_weight": weights[:, 0].mean(),
         "generated_weight": weights[:, 1:].mean(),
+    }
+    return loss, {key: value.detach() for key, value in metrics.items()}
+
+
+# Online methods of issue 16: D3PO over per-step log-probabilities of sampled trajectories (``alignment/logprob.py``),
+# Diffusion-DRO over per-sample denoising errors of expert images and of the policy's own samples.
+
+
+def d3po_loss(
+    logp_policy: torch.Tensor,
+    logp_reference: torch.Tensor,
+    beta: float = 0.1,
+    clip_range: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """D3PO loss (Yang et al., CVPR 2024): -log sigmoid(beta [log clip(r_w) - log clip(r_l)]) per step.
+
+    r = exp(log pi_theta(x_{t-1} | x_t) - log pi_ref(x_{t-1} | x_t)) of each stored step of the preferred (w,
+    candidate 0) and rejected (l, candidate 1) trajectory, clipped to [1 - clip_range, 1 + clip_range] BEFORE its
+    log, so a ratio outside the range gives no gradient, as the official ``scripts/rm/train_d3po.py`` (yk7333/d3po)::
+
+        ratio_0 = torch.clamp(torch.exp(total_prob_0 - total_ref_prob_0), 1 - config.train.eps, 1 + config.train.eps)
+        loss = -torch.log(torch.sigmoid(beta * torch.log(ratio_0) * human_prefer[:, 0] + ...)).mean()
+
+    with ``train.eps = 0.1`` and ``train.beta = 0.1`` (config/base.py). The loss is the mean over the batch and the
+    steps: the official code back-propagates each step's batch mean under gradient accumulation over
+    ``gradient_accumulation_steps * num_train_timesteps`` micro-steps, which accelerate divides by, and takes one
+    optimizer step per trajectory batch — the mean over steps, not the sum. In the official code pi_ref is a frozen
+    copy of the initial UNet (``ref = copy.deepcopy(pipeline.unet)``), not the log-probabilities stored at sampling
+    time; pass either. At pi_theta = pi_ref every step's loss is log 2.
+
+    ``logp_policy``, ``logp_reference``: (B, 2, T) step log-probabilities (``ddim_step_with_logprob``, mean
+    reduction as the official code) of the T trained steps of both trajectories, candidate 0 preferred.
+    Metrics: ``implicit_accuracy`` (fraction of steps with a positive margin), ``reward_margin`` (mean margin),
+    ``clip_fraction`` (fraction of ratios outside the range), ``log_ratio_w`` / ``log_ratio_l`` (mean unclipped
+    log-ratios).
+    """
+    if logp_policy.shape != logp_reference.shape or logp_policy.ndim != 3 or logp_policy.shape[1] != 2:
+        raise ValueError(
+            f"d3po_loss expects two (B, 2, T) tensors of step log-probabilities (preferred trajectory first), got "
+            f"{tuple(logp_policy.shape)} and {tuple(logp_reference.shape)}."
+        )
+    if not 0 < clip_range < 1:
+        raise ValueError(f"d3po_loss: clip_range must lie in (0, 1) (official: 0.1), got {clip_range}.")
+    log_ratio = logp_policy.float() - logp_reference.float()  # (B, 2, T)
+    unclipped_ratio = torch.exp(log_ratio)  # (B, 2, T)
+    ratio = unclipped_ratio.clamp(1 - clip_range, 1 + clip_range)  # (B, 2, T)
+    clipped_log_ratio = torch.log(ratio)  # (B, 2, T)
+    inside = beta * (clipped_log_ratio[:, 0] - clipped_log_ratio[:, 1])  # (B, T)
+    loss = -F.logsigmoid(inside).mean()
+    metrics = {
+        "implicit_accuracy": (inside > 0).float().mean(),
+        "reward_margin": inside.mean(),
+        "clip_fraction": (unclipped_ratio != ratio).float().mean(),
+        "log_ratio_w": log_ratio[:, 0].mean(),
+        "log_ratio_l": log_ratio[:, 1].mean(),
+    }
+    return loss, {key: value.detach() for key, value in metrics.items()}
+
+
+def dro_loss(
+    expert_policy: torch.Tensor,
+    expert_reference: torch.Tensor,
+    online_policy: torch.Tensor,
+    online_reference: torch.Tensor,
+    margin: float = 1e-3,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion-DRO hinge: mean of max(0, (L_expert - L_expert_ref) - (L_online - L_online_ref) + margin).
+
+    The errors L are (B,) per-sample denoising errors (``denoising_errors``: mean over c, h, w) of the policy and
+    of the frozen reference on noised expert images and on the policy's own (online) samples at the same
+    timesteps, as ``train.py`` of basiclab/DiffusionDRO::
+
+        diff = loss_expert_diff - loss_policy_diff
+        loss = torch.maximum(diff + args.margin, torch.zeros_like(diff)).mean()
+
+    with ``--margin`` 0.001, no weighting; the hinge pulls the expert error below the reference's and pushes the
+    online one above, until the gap exceeds the margin, then the pair gives no gradient.
+    Gradient clipping: the official code's ``clip_grad_norm_`` receives a ``filter`` generator that the optimizer
+    already consumed, so it clips nothing; the trainer clips a list of the trainable parameters.
+
+    Metrics: ``diff`` (mean of the hinge's argument without the margin), ``active_fraction`` (fraction of samples
+    inside the hinge), ``expert_excess`` / ``online_excess`` (mean L - L_ref of each side), ``expert_error`` /
+    ``online_error`` (mean policy errors).
+    """
+    for name, value in (
+        ("expert_reference", expert_reference),
+        ("online_policy", online_policy),
+        ("online_reference", online_reference),
+    ):
+        if value.shape != expert_policy.shape or value.ndim != 1:
+            raise ValueError(
+                f"dro_loss expects four (B,) per-sample errors of the same shape; expert_policy has shape "
+                f"{tuple(expert_policy.shape)} but {name} has {tuple(value.shape)}; reduce with denoising_errors()."
+            )
+    expert_excess = expert_policy - expert_reference  # (B,)
+    online_excess = online_policy - online_reference  # (B,)
+    diff = expert_excess - online_excess  # (B,)
+    loss = F.relu(diff + margin).mean()
+    metrics = {
+        "diff": diff.mean(),
+        "active_fraction": (diff + margin > 0).float().mean(),
+        "expert_excess": expert_excess.mean(),
+        "online_excess": online_excess.mean(),
+        "expert_error": expert_policy.mean(),
+        "online_error": online_policy.mean(),
     }
     return loss, {key: value.detach() for key, value in metrics.items()}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..samplers._base import MODEL_KEYS
+from ..samplers import MODEL_KEYS
 from ..samplers.schedule import NoiseScheduleVP
 from .benchmark import BenchTarget
 from .gmm import GaussianMixture

@@ -23,8 +23,7 @@ import diffusers
 import torch
 from tqdm.auto import tqdm
 
-from ..samplers import SCHEDULERS, get_scheduler_class
-from ..samplers._base import keep_model_keys
+from ..samplers import SCHEDULERS, get_scheduler_class, keep_model_keys
 from ..samplers.schedule import NoiseScheduleVP
 from ..samplers.side_info import SideInfoMixin, has_side_info
 from .sampling import model_output, sample

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..samplers._base import keep_model_keys
+from ..samplers import keep_model_keys
 from ..samplers.dc_calibrate import calibrate_dc, fit_cpr_coefficients, model_fingerprint
 from ..samplers.dc_solver import DCSolverScheduler
 from ..samplers.side_info import save_side_info
@@ -117,7 +117,7 @@ def write_calibration(scheduler: DCSolverScheduler, out: str | Path) -> Path:
     """Side information beside an existing ``scheduler_config.json`` in ``out``; else a full scheduler folder."""
     out = Path(out)
     if (out / "scheduler_config.json").is_file():
-        save_side_info(out, scheduler.side_info_name, *scheduler._side_info_state())
+        save_side_info(out, scheduler.side_info_name, *scheduler.side_info_state())
     else:
         scheduler.save_pretrained(out)
     return out

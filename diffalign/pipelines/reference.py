@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..samplers._base import eps_from_model_output
+from ..samplers import eps_from_model_output
 from ..samplers.schedule import NoiseScheduleVP, alpha_sigma_from_rho
 from .sampling import model_output
 

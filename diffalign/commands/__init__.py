@@ -1,0 +1,1 @@
+"""One thin module per ``diffalign`` subcommand (NAME, HELP, DESCRIPTION, CONFIG, run)."""

@@ -1,0 +1,1 @@
+"""Measuring models: benchmarks, Fréchet distances, reward models and the eval harness."""
