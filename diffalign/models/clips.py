@@ -183,7 +183,8 @@ class DigitsClipPipeline(DiffusionPipeline):
         # model_index.json names this module, which imports the encoder (and ModelMixin, the base class diffusers
         # looks up in the named module to find the loading method), so the saved folder loads wherever
         # DigitsPromptEncoder itself is defined
-        self.register_to_config(text_encoder=(__name__, type(text_encoder).__name__))
+        if type(text_encoder) is DigitsPromptEncoder:
+            self.register_to_config(text_encoder=(__name__, DigitsPromptEncoder.__name__))
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False, do_normalize=True)
 
     @torch.no_grad()
@@ -208,6 +209,8 @@ class DigitsClipPipeline(DiffusionPipeline):
         (B, F, 8, 8, 1) or ``"pt"`` (B, 1, F, 8, 8), all in [0, 1], or ``"latent"``: the raw clips (B, 1, F, 8, 8)
         in model space [-1, 1], the input of ``clip_segment_rewards``.
         """
+        if num_frames < 1:
+            raise ValueError(f"num_frames={num_frames}: a clip needs at least one frame.")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         labels = self.text_encoder.tokenize(prompts)  # (P,)
         if (labels == NULL_LABEL).any():
