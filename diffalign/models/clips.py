@@ -13,14 +13,17 @@ so that video methods (DenseDPO, Wu et al. 2025) have real samples and a real pe
   block), conditioned by the same ``DigitsPromptEncoder`` ("a handwritten 7"; "" is the classifier-free-guidance
   null prompt). It is inflated from the image model as in Make-A-Video (Singer et al. 2022, Sec. 3.2): spatial
   layers copied from ``digits-cond``, temporal convolutions and temporal attentions initialised to the identity, so
-  training starts from per-frame digits and only has to learn the motion.
+  training starts from a model that already draws a digit in every frame and mainly has to learn the motion.
 - ``DigitsClipPipeline``: ``DigitsPipeline``'s denoising loop over (B, 1, F, 8, 8) latents; any diffusers scheduler
   swaps in with ``pipe.scheduler = X.from_config(pipe.scheduler.config)``.
 - ``clip_segment_rewards``: per-segment reward, the mean over a segment's frames of the digits classifier's
   log p(prompted digit | frame), segments laid out in time as ``diffalign.alignment.losses.frame_segments``.
 
 The shipped weights live in ``diffalign/assets/digits/digits-clips/`` (float16 safetensors + JSON) and are retrained
-by ``scripts/train_embedded_clips.py``; the loader returns float32 modules.
+by ``scripts/train_embedded_clips.py``; the loader returns float32 modules. Measured on its samples (DDIM, seeded):
+per-frame classifier accuracy for the prompted digit 0.94 (20 clips, 10 steps, guidance 2; 0.92 on 100 clips at 20
+steps; 0.99 at guidance 4), lower on the shifted first and last frames (0.80-0.92) than on the centred middle ones
+(1.0); ``drift_residual`` 0.12, against 0.18 for the untrained inflated model and 0.017 for the training clips.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ DIRECTIONS = torch.tensor([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1),
 def drift_offsets(num_frames: int) -> torch.Tensor:
     """Position of the digit along its direction in each frame, round(2 f / (F - 1) - 1) in {-1, 0, 1}, (F,) int64.
 
-    F = 6 gives -1, -1, 0, 0, 1, 1: a one-pixel step every two frames; one frame stays at the centre.
+    F = 6 gives -1, -1, 0, 0, 1, 1: a one-pixel step every two frames.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames={num_frames}: a clip needs at least one frame.")
