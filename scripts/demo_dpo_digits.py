@@ -16,7 +16,7 @@ from pathlib import Path
 from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.digits_pairs import DEMO_STEPS, evaluate_digits
 from diffalign.alignment.trainer import train
-from diffalign.pipelines.digits import load_digits_pipeline
+from diffalign.models.digits import load_digits_pipeline
 
 DEMO_CONFIG = dict(
     max_train_steps=300,

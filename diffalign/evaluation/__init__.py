@@ -1,0 +1,1 @@
+"""Measuring samplers and models: the benchmark, reference ODE solves, the sampling loop, Fréchet distances."""
