@@ -11,18 +11,13 @@ The short LoRA run lowers confident mistakes (the log-prob reward) before it rai
 is in the README ("Uses on the embedded digits-cond model").
 """
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import torch
 
-_spec = importlib.util.spec_from_file_location(
-    "adjoint_digits", Path(__file__).resolve().parents[2] / "scripts" / "adjoint_digits.py"
-)
-adjoint_digits = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(adjoint_digits)
-add_lora, digits_setup, draw = adjoint_digits.add_lora, adjoint_digits.digits_setup, adjoint_digits.draw
-finetune_lora, optimize_noise = adjoint_digits.finetune_lora, adjoint_digits.optimize_noise
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from adjoint_digits import add_lora, digits_setup, draw, finetune_lora, optimize_noise  # noqa: E402
 
 
 def test_noise_optimisation_draws_the_prompted_digit():
