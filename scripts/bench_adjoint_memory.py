@@ -35,7 +35,7 @@ SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear
 
 
 def tiny_sd_unet() -> UNet2DConditionModel:
-    """diffusers' tiny SD UNet (as in tests/models/tiny_pipelines.py), seeded."""
+    """diffusers' tiny SD UNet (as in tests/tiny_pipelines.py), seeded."""
     torch.manual_seed(0)
     return UNet2DConditionModel(
         block_out_channels=(32, 64),

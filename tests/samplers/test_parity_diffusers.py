@@ -7,6 +7,11 @@ the same algorithm, so those configs carry the looser tolerance listed next to t
 comments). The one place where we differ by design: singlestep third order with ``solver_type='midpoint'``, whose
 intermediate stage ``u_2`` is the paper's Taylor form (Lu et al. 2022a, Alg. 2; official code) here and diffusers'
 own midpoint form there.
+
+Per sample, the bound is the stated tolerance plus twice diffusers' own float32 conditioning: how far diffusers'
+result moves when x_T moves by one ulp. That term is ~5e-7 for 15 of the 16 samples; one sample (index 7) lies
+where the mixture's posterior weights nearly tie, and there diffusers itself moves by 3.8e-5 at 10 steps under a
+one-ulp change of x_T (measured with numpy 2.4 / OpenBLAS Haswell kernels; other BLAS builds put it below 1e-5).
 """
 
 import warnings
@@ -78,6 +83,16 @@ def x_T():
     return torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
+def assert_parity(diffusers_cls, config, mode, model, n, tol):
+    """max |ours - theirs| per sample <= tol + 2 * (diffusers' own change under a one-ulp change of x_T)."""
+    theirs, ours = pair(diffusers_cls, config, mode)
+    reference = run(theirs, model, x_T(), n)  # (16, 1, 8, 8)
+    nudged = torch.nextafter(x_T(), torch.tensor(float("inf")))
+    spread = (run(pair(diffusers_cls, config, mode)[0], model, nudged, n) - reference).abs().flatten(1).amax(1)
+    difference = (run(ours, model, x_T(), n) - reference).abs().flatten(1).amax(1)  # (16,)
+    assert (difference <= tol + 2 * spread).all(), (difference.max().item(), spread.max().item())
+
+
 def _case_id(case):
     return _id(case[0])
 
@@ -86,16 +101,14 @@ def _case_id(case):
 @pytest.mark.parametrize("case", MULTISTEP, ids=_case_id)
 def test_multistep_matches_diffusers(case, n, gmm):
     config, tol = case
-    theirs, ours = pair(DPMSolverMultistepScheduler, config, "multistep")
-    assert (run(theirs, gmm, x_T(), n) - run(ours, gmm, x_T(), n)).abs().max() <= tol
+    assert_parity(DPMSolverMultistepScheduler, config, "multistep", gmm, n, tol)
 
 
 @pytest.mark.parametrize("n", [5, 10, 20])
 @pytest.mark.parametrize("case", SINGLESTEP, ids=_case_id)
 def test_singlestep_matches_diffusers(case, n, gmm):
     config, tol = case
-    theirs, ours = pair(DPMSolverSinglestepScheduler, {**config, "lower_order_final": True}, "singlestep")
-    assert (run(theirs, gmm, x_T(), n) - run(ours, gmm, x_T(), n)).abs().max() <= tol
+    assert_parity(DPMSolverSinglestepScheduler, {**config, "lower_order_final": True}, "singlestep", gmm, n, tol)
 
 
 @pytest.mark.parametrize("config", [c for c, tol in MULTISTEP + SINGLESTEP if tol > 1e-5][:3], ids=_id)
