@@ -7,7 +7,7 @@ from diffalign.models import EMBEDDED, load_model
 from diffalign.models.adapters import GuidedUNet
 from diffalign.models.gmm import GMM_SCHEDULER_DIR
 
-TOL = 1e-6  # float32 UNet outputs of the same inputs through two code paths
+TOL = 1e-5  # float32 UNet outputs of the same inputs in batches of 24 vs 12 (other summation order): 1.1e-6 seen
 
 
 def test_gmm_spec_is_the_exact_mixture():
