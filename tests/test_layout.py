@@ -1,5 +1,5 @@
 """The package layout's import rules, read from the source with ``ast``: no module imports another module's private
-(underscore) name, a private module (``samplers/_base.py``) is imported only inside its own package, and
+(underscore) name, a private module (``_name.py``) is imported only inside its own package, and
 ``samplers`` imports nothing else of diffalign."""
 
 import ast

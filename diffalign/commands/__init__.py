@@ -1,5 +1,5 @@
-"""One module per ``diffalign`` subcommand: ``NAME``, ``HELP``, ``DESCRIPTION``, ``CONFIG`` (an options dataclass)
-and ``run(config) -> int``. ``diffalign.cli`` builds the parser from them."""
+"""One thin module per ``diffalign`` subcommand (``NAME``, ``HELP``, ``DESCRIPTION``, ``CONFIG``, ``run``);
+``diffalign.cli`` builds the parser from them."""
 
 from __future__ import annotations
 

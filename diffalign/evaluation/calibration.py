@@ -177,7 +177,7 @@ def write_calibration(scheduler: DCSolverScheduler, out: str | Path) -> Path:
     """Side information beside an existing ``scheduler_config.json`` in ``out``; else a full scheduler folder."""
     out = Path(out)
     if (out / "scheduler_config.json").is_file():
-        save_side_info(out, scheduler.side_info_name, *scheduler._side_info_state())
+        save_side_info(out, scheduler.side_info_name, *scheduler.side_info_state())
     else:
         scheduler.save_pretrained(out)
     return out

@@ -1,8 +1,9 @@
 """Drop-in diffusers schedulers and the VP-schedule maths they share."""
 
-from ._base import MODEL_KEYS, eps_from_model_output, keep_model_keys
 from .adjoint import adjoint_sample, model_output
 from .adjoint_scheduler import AdjointDPMScheduler
+from .base import eps_from_model_output
+from .config import MODEL_KEYS, keep_model_keys
 from .dc_calibrate import calibrate_dc
 from .dc_solver import DCSolverScheduler
 from .dpm_solver import DPMSolverScheduler

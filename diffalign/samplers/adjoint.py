@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._dpm_base import DPMSolverBase, exponential_integrator_update, multistep_differences
 from .adjoint_scheduler import AdjointDPMScheduler
+from .exponential_integrator import DPMSolverBase, exponential_integrator_update, multistep_differences
 
 TRAJECTORIES = ("store", "reconstruct")
 
@@ -56,8 +56,8 @@ def step_weights(scheduler: DPMSolverBase, i: int, order: int) -> tuple[float, t
     lambdas = [lg[i + 1]] + [lg[i - k] for k in range(order)]
     basis = list(torch.eye(order, dtype=torch.float64))  # m_{i-k} = e_k
     D1, D2 = multistep_differences(basis, lambdas, order, scheduler.config.taylor_third_order)
-    coeffs = scheduler._coeffs(i, i + 1)
-    midpoint = order == 2 and scheduler._solver_type == "midpoint"
+    coeffs = scheduler.coefficients(*scheduler.grid_alpha_sigma(i, i + 1))
+    midpoint = order == 2 and scheduler.solver_variant == "midpoint"
     w = exponential_integrator_update(torch.zeros(order, dtype=torch.float64), basis[0], coeffs, D1, D2, midpoint)
     return float(coeffs[0]), w  # (order,)
 
@@ -105,8 +105,8 @@ class _Trajectory:
         self.compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.weights: list[tuple[float, torch.Tensor]] = []
 
-    def predictions(self, x: torch.Tensor, i: int, cond_tensors) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x0, eps)`` at ``x`` and grid point ``i`` (compute dtype), formed exactly as ``scheduler.step`` does."""
+    def model_output(self, x: torch.Tensor, i: int, cond_tensors) -> torch.Tensor:
+        """The raw model output at ``x`` and grid point ``i`` (compute dtype), checked as ``scheduler.step`` does."""
         s = self.scheduler
         t = (
             s.timesteps[i]
@@ -115,13 +115,12 @@ class _Trajectory:
         )
         x_in = s.scale_model_input(x.to(self.dtype), t)
         out = model_output(self.model, x_in, t, self.rebuild_cond(cond_tensors))
-        out = s._check_model_output(out, x).to(self.compute_dtype)
-        return s._x0_and_eps(out, x.to(self.compute_dtype), i)
+        return s.check_model_output(out, x).to(self.compute_dtype)
 
     def model_term(self, x: torch.Tensor, i: int, cond_tensors) -> torch.Tensor:
         """``m_i(x)``: the data prediction for DPM-Solver++, the noise prediction for DPM-Solver."""
-        x0, eps = self.predictions(x, i, cond_tensors)
-        return x0 if self.scheduler._form == "data" else eps
+        out = self.model_output(x, i, cond_tensors)
+        return self.scheduler.convert_model_output(out, x.to(self.compute_dtype), i)
 
     @torch.no_grad()
     def solve(self, x_T: torch.Tensor, cond_tensors, keep: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -134,7 +133,7 @@ class _Trajectory:
                 states.append(x)
             x_in = s.scale_model_input(x, t)
             x = s.step(model_output(self.model, x_in, t, cond), t, x).prev_sample
-            self.weights.append(step_weights(s, i, s._multistep_order(i)))
+            self.weights.append(step_weights(s, i, s.multistep_order(i)))
         return x, states
 
 
@@ -178,7 +177,6 @@ def _reconstructed_adjoint(traj: _Trajectory, x_end, last_state, a_n, cond_tenso
     """
     s, cd = traj.scheduler, traj.compute_dtype
     n = len(traj.weights)
-    g = (s.alpha_grid, s.sigma_grid)
     cond_leaves = [c.detach().requires_grad_(c.requires_grad) for c in cond_tensors]
     inputs = _needing_grad(cond_leaves) + _needing_grad(params)
     a, start, x = a_n.to(cd), n, x_end.to(cd)
@@ -189,23 +187,24 @@ def _reconstructed_adjoint(traj: _Trajectory, x_end, last_state, a_n, cond_tenso
     for j in range(start, 0, -1):  # reversed step from grid point j to j - 1
         with torch.enable_grad():
             xl = x.detach().requires_grad_(True)
-            x0, eps = traj.predictions(xl, j, cond_leaves)
-            m = x0 if s._form == "data" else eps
+            out = traj.model_output(xl, j, cond_leaves)
+            m = s.convert_model_output(out, xl, j)
+            eps = s.x0_and_eps(out, xl, j)[1]
             if j == n - 1 and start == n - 1:  # adjoint of the jump x_n = w m_{n-1}(x_{n-1}): no x_{n-1} term
                 vjps = _vjp(m, [xl] + inputs, a * float(traj.weights[j][1][0]), retain=True)
                 a, A = vjps[0], [acc + v for acc, v in zip(A, vjps[1:], strict=True)]
             vjps = _vjp(eps, [xl] + inputs, a)
-        sigma = float(g[1][j])
+        sigma = float(s.sigma_grid[j])
         G = [sigma * vjps[0] - sigma**2 * a] + [sigma * v for v in vjps[1:]]  # d[a, A]/dlambda at lambda_j
         history = ([[m.detach()] + G] + history)[: s.config.solver_order]
         order = len(history)
         lambdas = [s.lambda_grid[j - 1]] + [s.lambda_grid[j + k] for k in range(order)]
-        midpoint = order == 2 and s._solver_type == "midpoint"
+        midpoint = order == 2 and s.solver_variant == "midpoint"
         h = lambdas[0] - lambdas[1]  # < 0: the backward pass runs towards the noise
-        point = (float(g[0][j]), float(g[1][j]), float(g[0][j - 1]), float(g[1][j - 1]))
         taylor3 = s.config.taylor_third_order
+        coeffs = s.coefficients(*s.grid_alpha_sigma(j, j - 1))
 
-        x = _multistep(x, [hist[0] for hist in history], lambdas, s.coefficients(*point), midpoint, taylor3)
+        x = _multistep(x, [hist[0] for hist in history], lambdas, coeffs, midpoint, taylor3)
         adams = (1.0, -h, -h / 2, -h / 6)  # the update's h -> 0 limit: int G = h G + h D1 / 2 + h D2 / 6
         a = _multistep(a, [hist[1] for hist in history], lambdas, adams, midpoint, taylor3)
         A = [

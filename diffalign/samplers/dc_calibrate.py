@@ -18,8 +18,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ._base import MODEL_KEYS, VPScheduler
 from .adjoint import model_output
+from .base import VPScheduler
+from .config import MODEL_KEYS
 from .dc_cpr import fit_cpr
 from .dc_solver import DCSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
@@ -70,17 +71,18 @@ def search_ratio(model, scheduler: DCSolverScheduler, i: int, x, out, target, nu
     ``x`` is the sample at grid point ``i`` (before correction), ``out`` the model output there; ``scheduler`` holds
     the run's state up to step ``i``. Adam on ``rho`` from 1; returns the ratio with the lowest loss seen.
     """
-    x_c, history = scheduler._arrive(out, x, i)
-    order = scheduler._predictor_order(i)
+    x_c, history = scheduler.correct_and_buffer(out, x, i)
+    order = scheduler.predictor_order(i)
     n = scheduler.num_inference_steps
     t_next = scheduler.timesteps[i + 1] if i + 1 < n else None
 
     def loss_of(rho: torch.Tensor) -> torch.Tensor:
-        compensated = history[:-1] + [scheduler._compensated(history, i, rho)]
-        x_next = scheduler._predict(x_c, compensated, i, order)
-        if t_next is not None and scheduler._uses_corrector(i + 1):
-            m_next = scheduler._model_term(model_output(model, x_next, t_next).to(x_next.dtype), x_next, i + 1)
-            x_next = scheduler._correct(m_next, i + 1, compensated, x_c, order)
+        compensated = history[:-1] + [scheduler.dynamic_compensation(history, i, rho)]
+        x_next = scheduler.multistep_uni_p_bh_update(x_c, compensated, i, order)
+        if t_next is not None and scheduler.uses_corrector(i + 1):
+            out_next = model_output(model, x_next, t_next).to(x_next.dtype)
+            m_next = scheduler.convert_model_output(out_next, x_next, i + 1)
+            x_next = scheduler.multistep_uni_c_bh_update(m_next, i + 1, compensated, x_c, order)
         return (x_next - target).pow(2).mean()
 
     rho = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
@@ -119,7 +121,7 @@ def calibrate_ratios(
     for i, t in enumerate(scheduler.timesteps):
         with torch.no_grad():
             out = model_output(model, x, t).to(x.dtype)
-        if scheduler._can_compensate(i):
+        if scheduler.can_compensate(i):
             ratios[i] = search_ratio(model, scheduler, i, x, out, target[i + 1].to(x.dtype), num_iters, lr)
         with torch.no_grad():
             x = scheduler.step(out, t, x).prev_sample
@@ -132,7 +134,8 @@ def calibrate_dc(
     scheduler: DCSolverScheduler | dict | None = None,
     nfe: int | Sequence[int] = (5, 6, 8, 10),
     guidance_scale: float = 1.0,
-    sample_shape: Sequence[int] = (1, 8, 8),
+    *,
+    sample_shape: Sequence[int],
     n_datapoints: int = 10,
     seed: int = 0,
     num_iters: int = 60,
@@ -147,9 +150,10 @@ def calibrate_dc(
 
     ``scheduler``: a ``DCSolverScheduler`` (its ratios table is extended), any scheduler or config (the model's
     noise schedule is taken from it), or None (defaults). ``model(x, t)`` must already apply ``guidance_scale``. The
-    starting noises are ``n_datapoints`` draws of ``sample_shape`` from ``torch.Generator().manual_seed(seed)``
-    (made on CPU, then moved to ``device``), so the result is deterministic. With ``cpr`` and >= 3 NFE values in
-    the table, CPR coefficients are (re)fitted. Save with ``scheduler.save_pretrained(folder)``.
+    starting noises are ``n_datapoints`` draws of ``sample_shape`` (the model's sample shape, e.g. (C, H, W)) from
+    ``torch.Generator().manual_seed(seed)`` (made on CPU, then moved to ``device``), so the result is deterministic.
+    With ``cpr`` and >= 3 NFE values in the table, CPR coefficients are (re)fitted. Save with
+    ``scheduler.save_pretrained(folder)``.
     """
     if scheduler is None or not isinstance(scheduler, DCSolverScheduler):
         source = {} if scheduler is None else dict(getattr(scheduler, "config", scheduler))

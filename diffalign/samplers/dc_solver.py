@@ -18,10 +18,22 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from ._base import VPScheduler
-from ._unipc import SOLVER_TYPES, lagrange_compensation, uni_c_update, uni_p_update
+from .base import VPScheduler
+from .config import (
+    AlgorithmType,
+    BetaSchedule,
+    FinalSigmasType,
+    InterpolationType,
+    PredictionType,
+    SolverType,
+    TimeShiftType,
+    TimestepSpacing,
+    TimestepType,
+    VarianceType,
+)
 from .dc_cpr import CPR_SHAPE, cpr_ratios
 from .side_info import SideInfoMixin, schedule_fingerprint
+from .unipc import SOLVER_TYPES, lagrange_compensation, uni_c_update, uni_p_update
 
 SIDE_INFO_FORMAT = "diffalign.dc_solver/1"
 FOREIGN_SOLVER_TYPES = ("midpoint", "heun", "logrho", "dpmsolver", "taylor")  # read as bh2, as diffusers' UniPC does
@@ -48,23 +60,23 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         num_train_timesteps: int = 1000,
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
-        beta_schedule: str = "linear",
+        beta_schedule: BetaSchedule = "linear",
         trained_betas: np.ndarray | list[float] | None = None,
         solver_order: int = 2,
-        prediction_type: str = "epsilon",
+        prediction_type: PredictionType = "epsilon",
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
         predict_x0: bool = True,
-        solver_type: str = "bh2",
+        solver_type: SolverType = "bh2",
         lower_order_final: bool = True,
         disable_corrector: list[int] | None = None,
         solver_p: object | None = None,
         dc_order: int = 2,
         guidance_scale: float = 1.0,
         model_fingerprint: str | None = None,
-        final_sigmas_type: str = "zero",
-        timestep_spacing: str = "linspace",
+        final_sigmas_type: FinalSigmasType = "zero",
+        timestep_spacing: TimestepSpacing = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
         use_karras_sigmas: bool = False,
@@ -73,7 +85,7 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         sigma_min: float | None = None,
         sigma_max: float | None = None,
         lambda_min_clipped: float = -float("inf"),
-        variance_type: str | None = None,
+        variance_type: VarianceType | None = None,
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
         # Keys of other diffusers schedulers' configs, accepted so that `from_config` round-trips.
@@ -81,13 +93,13 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         use_flow_sigmas: bool = False,
         flow_shift: float = 1.0,
         use_dynamic_shifting: bool = False,
-        time_shift_type: str = "exponential",
-        algorithm_type: str | None = None,
+        time_shift_type: TimeShiftType = "exponential",
+        algorithm_type: AlgorithmType | None = None,
         euler_at_final: bool = False,
         set_alpha_to_one: bool | None = None,
         skip_prk_steps: bool | None = None,
-        interpolation_type: str | None = None,
-        timestep_type: str | None = None,
+        interpolation_type: InterpolationType | None = None,
+        timestep_type: TimestepType | None = None,
         shift_terminal: float | None = None,
     ):
         if solver_order not in (1, 2, 3):
@@ -172,38 +184,39 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         self._first_index = 0
 
     @property
+    def predicts_data(self) -> bool:
+        """UniPC's ``predict_x0``: the buffered model terms are data predictions (else noise predictions)."""
+        return bool(self.config.predict_x0)
+
+    @property
     def _buffer_size(self) -> int:
         return max(self.config.solver_order, self.config.dc_order + 1)
-
-    def _coeffs(self, s: int, t: int) -> tuple[float, float, float, float]:
-        a, sg = self.alpha_grid, self.sigma_grid
-        return float(a[s]), float(sg[s]), float(a[t]), float(sg[t])
 
     def _lambdas_back(self, i: int, count: int) -> list[float]:
         return [float(self.lambda_grid[i - k]) for k in range(count)]
 
-    def _model_term(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
-        x0, eps = self._x0_and_eps(model_output, sample, i)
-        return x0 if self.config.predict_x0 else eps
-
-    def _uses_corrector(self, i: int) -> bool:
+    def uses_corrector(self, i: int) -> bool:
         """UniC on arrival at ``i`` unless ``i - 1`` is in ``disable_corrector`` (diffusers' convention)."""
         return i > self._first_index and (i - 1) not in (self.config.disable_corrector or [])
 
-    def _predictor_order(self, i: int) -> int:
+    def predictor_order(self, i: int) -> int:
         """UniPC's warm-up and ``lower_order_final``; a step to sigma 0 is first order (h is infinite)."""
         cfg, n = self.config, self.num_inference_steps
         order = min(cfg.solver_order, n - i) if cfg.lower_order_final else cfg.solver_order
         order = min(order, i - self._first_index + 1)
         return 1 if self.sigma_grid[i + 1] == 0 else order
 
-    def _correct(self, m, i: int, history: list, x_prev: torch.Tensor, order: int) -> torch.Tensor:
-        """UniC: ``x^c_i`` from ``x^c_{i-1}`` (``x_prev``), the buffer and the fresh model term ``m`` at ``x~_i``."""
+    def multistep_uni_c_bh_update(self, m, i: int, history: list, x_prev: torch.Tensor, order: int) -> torch.Tensor:
+        """UniC: ``x^c_i`` from ``x^c_{i-1}`` (``x_prev``), the buffer and the fresh model term ``m`` at ``x~_i``.
+
+        diffusers' ``UniPCMultistepScheduler.multistep_uni_c_bh_update`` with the buffer passed in, not read from
+        the scheduler's state (the calibration differentiates through it with compensated buffers).
+        """
         ms = history[::-1]
-        cfg, coeffs, lambdas = self.config, self._coeffs(i - 1, i), self._lambdas_back(i - 1, len(ms))
+        cfg, coeffs, lambdas = self.config, self.grid_alpha_sigma(i - 1, i), self._lambdas_back(i - 1, len(ms))
         return uni_c_update(x_prev, m, ms, lambdas, coeffs, order, cfg.solver_type, cfg.predict_x0)
 
-    def _compensated(self, history: list[torch.Tensor], i: int, ratio) -> torch.Tensor:
+    def dynamic_compensation(self, history: list[torch.Tensor], i: int, ratio) -> torch.Tensor:
         """DC-Solver Eq. 9: interpolate the last ``dc_order + 1`` terms at ``t_{i-1} + rho (t_i - t_{i-1})``."""
         k = self.config.dc_order + 1
         ts = self.timesteps.double().cpu().numpy()
@@ -211,30 +224,38 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         tau = points[1] + ratio * (points[0] - points[1])
         return lagrange_compensation(history[::-1][:k], points, tau)
 
-    def _predict(self, sample: torch.Tensor, history: list[torch.Tensor], i: int, order: int) -> torch.Tensor:
+    def multistep_uni_p_bh_update(self, sample: torch.Tensor, history: list, i: int, order: int) -> torch.Tensor:
+        """UniP-``order`` from grid point ``i`` to ``i + 1`` on the buffer ``history`` (newest last).
+
+        diffusers' ``UniPCMultistepScheduler.multistep_uni_p_bh_update`` with the buffer passed in.
+        """
         ms = history[::-1]
         cfg = self.config
         lambdas = self._lambdas_back(i, min(order, len(ms)))
-        return uni_p_update(sample, ms, lambdas, self._coeffs(i, i + 1), order, cfg.solver_type, cfg.predict_x0)
+        coeffs = self.grid_alpha_sigma(i, i + 1)
+        return uni_p_update(sample, ms, lambdas, coeffs, order, cfg.solver_type, cfg.predict_x0)
 
-    def _can_compensate(self, i: int) -> bool:
+    def can_compensate(self, i: int) -> bool:
+        """Whether the buffer at step ``i`` holds the ``dc_order + 1`` terms the compensation interpolates."""
         return i - self._first_index >= self.config.dc_order
 
-    def _arrive(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> tuple[torch.Tensor, list]:
+    def correct_and_buffer(
+        self, model_output: torch.Tensor, sample: torch.Tensor, i: int
+    ) -> tuple[torch.Tensor, list]:
         """Corrector on arrival at ``i`` and the buffer with ``i``'s model term appended: ``(x^c_i, history)``."""
-        m = self._model_term(model_output, sample, i)
-        if self._uses_corrector(i):
-            sample = self._correct(m, i, self._history, self._last_sample, self._last_order)
+        m = self.convert_model_output(model_output, sample, i)
+        if self.uses_corrector(i):
+            sample = self.multistep_uni_c_bh_update(m, i, self._history, self._last_sample, self._last_order)
         return sample, (self._history + [m])[-self._buffer_size :]
 
     def _solver_step(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
-        sample, history = self._arrive(model_output, sample, i)
+        sample, history = self.correct_and_buffer(model_output, sample, i)
         ratio = self.dc_ratios[i] if self.dc_ratios is not None else 1.0
-        if ratio != 1.0 and self._can_compensate(i):
-            history[-1] = self._compensated(history, i, ratio)
-        order = self._predictor_order(i)
+        if ratio != 1.0 and self.can_compensate(i):
+            history[-1] = self.dynamic_compensation(history, i, ratio)
+        order = self.predictor_order(i)
         self._history, self._last_sample, self._last_order = history, sample, order
-        return self._predict(sample, history, i, order)
+        return self.multistep_uni_p_bh_update(sample, history, i, order)
 
     # ---- side information ---------------------------------------------------------------------------------------
     def side_info_identity(self) -> dict:
@@ -260,7 +281,7 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
             clip_sample=bool(cfg.clip_sample),
         )
 
-    def _side_info_state(self):
+    def side_info_state(self):
         if not self.ratio_table and self.cpr_coeffs is None:
             return None
         tensors = {}

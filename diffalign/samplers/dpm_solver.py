@@ -6,8 +6,7 @@ Orders 1-3, multistep or singlestep (DPM-Solver-1/2/3, Alg. 1-2 of the paper; DP
 
 from __future__ import annotations
 
-from ._base import phi_functions
-from ._dpm_base import DPMSolverBase, lambda_step
+from .exponential_integrator import DPMSolverBase, lambda_step, phi_functions
 
 
 def noise_coefficients(alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float):
@@ -33,7 +32,7 @@ class DPMSolverScheduler(DPMSolverBase):
     'time_uniform' / 'time_quadratic' / 'logSNR' / 'karras'. ``final_sigmas_type='zero'`` works here too.
     """
 
-    _form = "noise"
+    predicts_data = False
 
     def coefficients(self, alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float):
         return noise_coefficients(alpha_s, sigma_s, alpha_t, sigma_t)

@@ -6,8 +6,7 @@ thresholding for pixel-space models. The data prediction is bounded, which keeps
 
 from __future__ import annotations
 
-from ._base import phi_functions
-from ._dpm_base import DPMSolverBase, lambda_step
+from .exponential_integrator import DPMSolverBase, lambda_step, phi_functions
 
 
 def data_coefficients(alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float):
@@ -29,7 +28,7 @@ class DPMSolverPPScheduler(DPMSolverBase):
     unconditional models; ``solver_mode='singlestep'`` gives 2S / 3S.
     """
 
-    _form = "data"
+    predicts_data = True
 
     def coefficients(self, alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float):
         return data_coefficients(alpha_s, sigma_s, alpha_t, sigma_t)

@@ -32,7 +32,20 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from ._base import VPScheduler
+from .base import VPScheduler
+from .config import (
+    AlgorithmType,
+    BetaSchedule,
+    FinalSigmasType,
+    InterpolationType,
+    PredictionType,
+    SolverMode,
+    SolverType,
+    TimeShiftType,
+    TimestepSpacing,
+    TimestepType,
+    VarianceType,
+)
 from .ems import EMS_FILE, EmpiricalModelStatistics, ems_from_side_info
 from .schedule import alpha_sigma_from_lambda
 from .side_info import SideInfoMixin, model_fingerprint, schedule_fingerprint
@@ -98,10 +111,10 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         num_train_timesteps: int = 1000,
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
-        beta_schedule: str = "linear",
+        beta_schedule: BetaSchedule = "linear",
         trained_betas: np.ndarray | list[float] | None = None,
         solver_order: int = 2,
-        prediction_type: str = "epsilon",
+        prediction_type: PredictionType = "epsilon",
         use_corrector: bool = True,
         predictor_pseudo: bool | None = None,
         corrector_pseudo: bool = False,
@@ -110,10 +123,10 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
-        final_sigmas_type: str = "zero",
+        final_sigmas_type: FinalSigmasType = "zero",
         lambda_min_clipped: float = -float("inf"),
-        variance_type: str | None = None,
-        timestep_spacing: str = "linspace",
+        variance_type: VarianceType | None = None,
+        timestep_spacing: TimestepSpacing = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
         use_karras_sigmas: bool = False,
@@ -128,16 +141,16 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         use_flow_sigmas: bool = False,
         flow_shift: float = 1.0,
         use_dynamic_shifting: bool = False,
-        time_shift_type: str = "exponential",
-        solver_mode: str | None = None,
-        solver_type: str | None = None,
-        algorithm_type: str | None = None,
+        time_shift_type: TimeShiftType = "exponential",
+        solver_mode: SolverMode | None = None,
+        solver_type: SolverType | None = None,
+        algorithm_type: AlgorithmType | None = None,
         euler_at_final: bool | None = None,
         taylor_third_order: bool | None = None,
         set_alpha_to_one: bool | None = None,
         skip_prk_steps: bool | None = None,
-        interpolation_type: str | None = None,
-        timestep_type: str | None = None,
+        interpolation_type: InterpolationType | None = None,
+        timestep_type: TimestepType | None = None,
         predict_x0: bool | None = None,
         disable_corrector: list[int] | None = None,
         solver_p: object | None = None,
@@ -149,7 +162,7 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         self._init_vp()
 
     # ---- EMS as side information --------------------------------------------------------------------------------
-    def _side_info_state(self):
+    def side_info_state(self):
         return None if self.ems is None else self.ems.state()
 
     def _load_side_info(self, tensors, meta) -> None:
@@ -312,7 +325,7 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
                 f"the EMS were computed for samples of shape {self.ems.sample_shape}, got {tuple(sample.shape[1:])}: "
                 "they belong to another model or resolution. Compute EMS for this one with `diffalign ems`."
             )
-        _, eps = self._x0_and_eps(model_output, sample, i)
+        _, eps = self.x0_and_eps(model_output, sample, i)
         self._xs.append(sample)
         self._fs.append(self._f(eps, sample, i))
         self._points.append(i)

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._base import PREDICTION_TYPES, eps_from_model_output
+from .base import eps_from_model_output
+from .config import PREDICTION_TYPES
 from .schedule import NoiseScheduleVP, alpha_sigma_from_lambda
 from .side_info import model_fingerprint, schedule_fingerprint
 
@@ -144,6 +145,93 @@ class _Probe:
         return torch.stack([f, f_d, f * f, f * f_d], 1)
 
 
+def _noised(data: torch.Tensor, lam: float, seed: int, stream: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x = alpha data + sigma z`` at grid point ``k`` (lambda ``lam``) from the point's own generator, and a
+    Rademacher probe ``v`` (used by the ``l`` pass, stream 0); both shaped like ``data`` (num_samples, C, H, W)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + stream * 10_007 + k)
+    z = torch.randn(data.shape, generator=g, dtype=torch.float64).to(data.device, data.dtype)
+    v = (torch.randint(0, 2, data.shape, generator=g) * 2 - 1).to(data.device, data.dtype)
+    alpha, sigma = (float(a) for a in alpha_sigma_from_lambda(lam))
+    return alpha * data + sigma * z, v
+
+
+def _estimate_l(probe: _Probe, data, lambdas: np.ndarray, seed: int, batch_size: int, bar) -> torch.Tensor:
+    """``l = E[diag(sigma d eps / d x)]`` (Eq. 7) at every grid point by Hutchinson's trick; (N + 1, C, H, W)."""
+    l = torch.zeros((len(lambdas), *data.shape[1:]), dtype=torch.float64)
+    for k, lam in enumerate(lambdas):
+        x, v = _noised(data, lam, seed, 0, k)
+        l[k] = _batched(partial(probe.hutchinson, lam=lam), [x, v], batch_size).double().mean(0).cpu()
+        bar.update()
+    return l
+
+
+def _smoothed_derivative(l: torch.Tensor, lambdas: np.ndarray, smooth: int) -> torch.Tensor:
+    """``l' = dl / dlambda`` (N + 1, C, H, W): central differences inside, one-sided at the ends, then a moving
+    average over ``2 smooth + 1`` grid points (the official code's smoothing)."""
+    n = len(lambdas)
+    dl = np.gradient(l.numpy(), lambdas, axis=0)
+    kernel = np.ones(2 * smooth + 1)
+    counts = np.convolve(np.ones(n), kernel, mode="same")[:, None]
+    flat = dl.reshape(n, -1)
+    l_d = np.stack([np.convolve(c, kernel, mode="same") for c in flat.T], 1) / counts
+    return torch.from_numpy(l_d.reshape(dl.shape))
+
+
+def _f_moments(probe: _Probe, data, lambdas, l, l_d, seed: int, batch_size: int, bar) -> torch.Tensor:
+    """``E f, E f', E f^2, E f f'`` over the data at every grid point (noise stream 1); (4, N + 1, C, H, W)."""
+    moments = torch.zeros((4, len(lambdas), *data.shape[1:]), dtype=torch.float64)
+    for k, lam in enumerate(lambdas):
+        x, _ = _noised(data, lam, seed, 1, k)
+        fit = partial(
+            probe.f_moments,
+            lam=lam,
+            bounds=(lambdas[0], lambdas[-1]),
+            l_k=l[k].to(data.device, data.dtype),
+            l_d_k=l_d[k].to(data.device, data.dtype),
+        )
+        moments[:, k] = _batched(fit, [x], batch_size).mean(0).cpu()
+        bar.update()
+    return moments
+
+
+def _fit_s_b(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elementwise least squares ``f' ~ s f + b`` (Eq. 9) from the moments: ``s = Cov(f, f') / Var(f)``."""
+    mean_f, mean_fd, mean_ff, mean_ffd = moments
+    var = (mean_ff - mean_f**2).clamp(min=0.0)
+    # ridge: where f hardly varies over the data (a Gaussian's f is deterministic) any s fits; take s -> 0, b = E f'
+    s = (mean_ffd - mean_f * mean_fd) / (var + RIDGE * mean_ff + 1e-300)
+    return s, mean_fd - s * mean_f
+
+
+def _check_inputs(samples: torch.Tensor, num_grid: int, num_samples: int, schedule, t_start, t_end: float) -> float:
+    """Raise on unusable arguments; returns ``t_start`` (default: the last training timestep)."""
+    if samples.ndim < 2 or samples.shape[0] < 1:
+        raise ValueError(f"samples must be (K, ...) data with K >= 1; got shape {tuple(samples.shape)}.")
+    if num_grid < 2 or num_samples < 1:
+        raise ValueError(f"num_grid={num_grid} and num_samples={num_samples} must be >= 2 and >= 1.")
+    t_start = schedule.t_max if t_start is None else float(t_start)
+    if not 0 <= t_end < t_start <= schedule.t_max:
+        raise ValueError(f"need 0 <= t_end < t_start <= {schedule.t_max:g}; got t_start={t_start}, t_end={t_end}.")
+    return t_start
+
+
+def _metadata(settings: dict, samples, lambdas, schedule, prediction_type, model, model_name, fingerprint, dtype):
+    """What the statistics were computed from and for: saved beside them and checked when they are loaded."""
+    fingerprint = fingerprint or (model_fingerprint(model) if isinstance(model, torch.nn.Module) else None)
+    return dict(
+        format=EMS_FORMAT,
+        **settings,
+        lambda_start=float(lambdas[0]),
+        lambda_end=float(lambdas[-1]),
+        sample_shape=list(samples.shape[1:]),
+        schedule=schedule_fingerprint(schedule),
+        prediction_type=prediction_type,
+        model=model_name,
+        model_fingerprint=fingerprint,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+
 @torch.no_grad()
 def compute_ems(
     model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -179,78 +267,21 @@ def compute_ems(
     schedule = NoiseScheduleVP.from_config(scheduler_config)
     prediction_type = get("prediction_type", "epsilon")
     eps_fn = _eps_fn(model, prediction_type)
-    if samples.ndim < 2 or samples.shape[0] < 1:
-        raise ValueError(f"samples must be (K, ...) data with K >= 1; got shape {tuple(samples.shape)}.")
-    if num_grid < 2 or num_samples < 1:
-        raise ValueError(f"num_grid={num_grid} and num_samples={num_samples} must be >= 2 and >= 1.")
-    t_start = schedule.t_max if t_start is None else float(t_start)
-    if not 0 <= t_end < t_start <= schedule.t_max:
-        raise ValueError(f"need 0 <= t_end < t_start <= {schedule.t_max:g}; got t_start={t_start}, t_end={t_end}.")
+    t_start = _check_inputs(samples, num_grid, num_samples, schedule, t_start, t_end)
     device = torch.device(device) if device is not None else samples.device
     lambdas = np.linspace(schedule.lambda_t(t_start), schedule.lambda_t(t_end), num_grid + 1)  # (N + 1,)
-    shape = tuple(samples.shape[1:])
     index = torch.arange(num_samples) % samples.shape[0]
-    data = samples[index].to(device=device, dtype=dtype)  # (K, C, H, W)
-
+    data = samples[index].to(device=device, dtype=dtype)  # (num_samples, C, H, W)
     probe = _Probe(eps_fn, schedule, device, dtype, fd_step)
 
-    def noised(k: int, stream: int):
-        """x_t at grid point k from its own generator, and (for the l pass) a Rademacher probe."""
-        g = torch.Generator().manual_seed(seed * 1_000_003 + stream * 10_007 + k)
-        z = torch.randn((num_samples, *shape), generator=g, dtype=torch.float64).to(device, dtype)
-        v = (torch.randint(0, 2, (num_samples, *shape), generator=g) * 2 - 1).to(device, dtype)
-        alpha, sigma = (float(a) for a in alpha_sigma_from_lambda(lambdas[k]))
-        return alpha * data + sigma * z, v
-
     bar = tqdm(total=2 * (num_grid + 1), disable=not progress, desc="EMS")
-    l = torch.zeros((num_grid + 1, *shape), dtype=torch.float64)  # (N + 1, C, H, W)
-    for k in range(num_grid + 1):
-        x, v = noised(k, 0)
-        l[k] = _batched(partial(probe.hutchinson, lam=lambdas[k]), [x, v], batch_size).double().mean(0).cpu()
-        bar.update()
+    l = _estimate_l(probe, data, lambdas, seed, batch_size, bar)  # (N + 1, C, H, W)
     smooth = max(0, round(5 * num_grid / DEFAULT_GRID)) if smooth is None else smooth
-    dl = np.gradient(l.numpy(), lambdas, axis=0)  # dl / dlambda, central inside, one-sided at the ends
-    kernel = np.ones(2 * smooth + 1)
-    counts = np.convolve(np.ones(num_grid + 1), kernel, mode="same")[:, None]
-    flat = dl.reshape(num_grid + 1, -1)
-    l_d = np.stack([np.convolve(c, kernel, mode="same") for c in flat.T], 1) / counts  # moving average
-    l_d = torch.from_numpy(l_d.reshape(dl.shape))
-
-    moments = torch.zeros((4, num_grid + 1, *shape), dtype=torch.float64)  # E f, E f', E f^2, E f f'
-    for k in range(num_grid + 1):
-        x, _ = noised(k, 1)
-        fit = partial(
-            probe.f_moments,
-            lam=lambdas[k],
-            bounds=(lambdas[0], lambdas[-1]),
-            l_k=l[k].to(device, dtype),
-            l_d_k=l_d[k].to(device, dtype),
-        )
-        moments[:, k] = _batched(fit, [x], batch_size).mean(0).cpu()
-        bar.update()
+    l_d = _smoothed_derivative(l, lambdas, smooth)
+    s, b = _fit_s_b(_f_moments(probe, data, lambdas, l, l_d, seed, batch_size, bar))
     bar.close()
-    mean_f, mean_fd, mean_ff, mean_ffd = moments
-    var = (mean_ff - mean_f**2).clamp(min=0.0)
-    # ridge: where f hardly varies over the data (a Gaussian's f is deterministic) any s fits; take s -> 0, b = E f'
-    s = (mean_ffd - mean_f * mean_fd) / (var + RIDGE * mean_ff + 1e-300)
-    b = mean_fd - s * mean_f
-    meta = dict(
-        format=EMS_FORMAT,
-        num_grid=num_grid,
-        num_samples=num_samples,
-        seed=seed,
-        t_start=t_start,
-        t_end=t_end,
-        lambda_start=float(lambdas[0]),
-        lambda_end=float(lambdas[-1]),
-        sample_shape=list(shape),
-        schedule=schedule_fingerprint(schedule),
-        prediction_type=prediction_type,
-        model=model_name,
-        model_fingerprint=fingerprint or (model_fingerprint(model) if isinstance(model, torch.nn.Module) else None),
-        fd_step=fd_step,
-        dtype=str(dtype).removeprefix("torch."),
-    )
+    args = dict(num_grid=num_grid, num_samples=num_samples, seed=seed, t_start=t_start, t_end=t_end, fd_step=fd_step)
+    meta = _metadata(args, samples, lambdas, schedule, prediction_type, model, model_name, fingerprint, dtype)
     return EmpiricalModelStatistics(lambdas, l, s, b, meta)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import diffusers
 
-from ._base import keep_model_keys
 from .adjoint_scheduler import AdjointDPMScheduler
+from .config import keep_model_keys
 from .dc_solver import DCSolverScheduler
 from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import get_args
 
 import numpy as np
 
-SPACINGS = ("linspace", "leading", "trailing", "time_uniform", "time_quadratic", "logSNR", "karras")
-"""Time grids: diffusers' three integer spacings (Lin et al. 2023, Table 2), then DPM-Solver's continuous
-``time_uniform`` / ``time_quadratic`` / ``logSNR`` (Lu et al. 2022, Sec. 3.3 and App. D) and EDM's ``karras``
-(Karras et al. 2022, Eq. 5, rho = 7)."""
+from .config import BetaSchedule, TimestepSpacing
+
+SPACINGS = get_args(TimestepSpacing)
+"""Time grids (see ``config.TimestepSpacing``)."""
 
 INTEGER_SPACINGS = ("linspace", "leading", "trailing")
 
@@ -53,7 +54,7 @@ def betas_from_config(
     num_train_timesteps: int = 1000,
     beta_start: float = 0.0001,
     beta_end: float = 0.02,
-    beta_schedule: str = "linear",
+    beta_schedule: BetaSchedule = "linear",
     trained_betas: Sequence[float] | np.ndarray | None = None,
     rescale_betas_zero_snr: bool = False,
 ) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Learned side information of a scheduler (DPM-Solver-v3's EMS, DC-Solver's ratios) as files beside its config.
 
-A scheduler with side information sets ``side_info_name`` (the file stem) and implements ``_side_info_state()``
+A scheduler with side information sets ``side_info_name`` (the file stem) and implements ``side_info_state()``
 (tensors + JSON metadata to save) and ``_load_side_info(tensors, meta)`` (validate and adopt). This mixin gives it
 ``save_pretrained`` / ``from_pretrained`` that write and find ``<stem>.safetensors`` + ``<stem>.json`` next to
 ``scheduler_config.json``, and ``load_side_info(directory)`` for schedulers built with ``from_config``. Files are
@@ -86,7 +86,7 @@ class SideInfoMixin:
 
     side_info_name: str = ""
 
-    def _side_info_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+    def side_info_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
         """(tensors, metadata) to save, or None when the scheduler runs on its fallback."""
         raise NotImplementedError
 
@@ -102,7 +102,7 @@ class SideInfoMixin:
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        state = self._side_info_state()
+        state = self.side_info_state()
         if state is not None:
             save_side_info(save_directory, self.side_info_name, *state)
 

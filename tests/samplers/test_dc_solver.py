@@ -20,9 +20,9 @@ from diffalign.evaluation.sampling import sample
 from diffalign.evaluation.targets import gmm_target
 from diffalign.models.gmm import GMM_SCHEDULER_DIR, GaussianMixture
 from diffalign.samplers import DCSolverScheduler
-from diffalign.samplers._unipc import lagrange_compensation
 from diffalign.samplers.dc_calibrate import calibrate_dc, fit_cpr_coefficients, model_fingerprint
 from diffalign.samplers.dc_cpr import cpr_ratios, fit_cpr
+from diffalign.samplers.unipc import lagrange_compensation
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 SIGMA_MIN = dict(final_sigmas_type="sigma_min")
@@ -119,7 +119,15 @@ def test_ratio_one_is_unipc_and_other_ratios_change_the_sample(sd_gmm):
 @pytest.fixture(scope="module")
 def calibrated(gmm):
     """Ratios for NFE 5 and 6 on 10 datapoints of seed 0 (about 2 s)."""
-    return calibrate_dc(gmm.model, gmm.scheduler_config, nfe=[5, 6], n_datapoints=10, seed=0, substeps=20)
+    return calibrate_dc(
+        gmm.model,
+        gmm.scheduler_config,
+        sample_shape=gmm.sample_shape,
+        nfe=[5, 6],
+        n_datapoints=10,
+        seed=0,
+        substeps=20,
+    )
 
 
 def _mse(scheduler, target, noise, reference, n):
@@ -142,9 +150,13 @@ def test_calibrated_dc_beats_unipc_on_unseen_noises(nfe, margin, calibrated, gmm
 
 
 def test_calibration_is_deterministic_under_a_seed(gmm, calibrated):
-    again = calibrate_dc(gmm.model, gmm.scheduler_config, nfe=5, n_datapoints=10, seed=0, substeps=20)
+    again = calibrate_dc(
+        gmm.model, gmm.scheduler_config, sample_shape=gmm.sample_shape, nfe=5, n_datapoints=10, seed=0, substeps=20
+    )
     assert again.ratio_table[(5, 1.0)] == calibrated.ratio_table[(5, 1.0)]
-    other = calibrate_dc(gmm.model, gmm.scheduler_config, nfe=5, n_datapoints=10, seed=1, substeps=20)
+    other = calibrate_dc(
+        gmm.model, gmm.scheduler_config, sample_shape=gmm.sample_shape, nfe=5, n_datapoints=10, seed=1, substeps=20
+    )
     assert np.abs(np.subtract(other.ratio_table[(5, 1.0)], again.ratio_table[(5, 1.0)])).max() > 1e-3
 
 

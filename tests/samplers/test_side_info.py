@@ -18,7 +18,7 @@ class ScaledScheduler(SideInfoMixin, DPMSolverPPScheduler):
         super().__init__(**kwargs)
         self.scale = None
 
-    def _side_info_state(self):
+    def side_info_state(self):
         if self.scale is None:
             return None
         return {"scale": self.scale}, {"num_train_timesteps": self.config.num_train_timesteps}

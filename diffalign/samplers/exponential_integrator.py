@@ -6,7 +6,7 @@ one step from ``s`` to ``t`` (``h = lambda_t - lambda_s``) as
     x_t = c_x x_s - a_1 m_s - a_2 D_1 - a_3 D_2
 
 with ``m`` the model term (``eps`` or ``x0``), ``D_1`` / ``D_2`` finite-difference estimates of its first and
-second lambda-derivatives times ``h`` / ``h^2``, and ``a_k = w phi_k(u)`` (``phi`` from ``_base.phi_functions``):
+second lambda-derivatives times ``h`` / ``h^2``, and ``a_k = w phi_k(u)`` (``phi`` from ``phi_functions``):
 
 - noise form: ``c_x = alpha_t / alpha_s``, ``w = sigma_t``, ``u = h``  (DPM-Solver Eq. 3.7 and its Taylor terms);
 - data form:  ``c_x = sigma_t / sigma_s``, ``w = alpha_t``, ``u = -h`` (DPM-Solver++ Eq. 8 and its Taylor terms).
@@ -25,11 +25,54 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from ._base import VPScheduler, solver_type_of
+from .base import VPScheduler
+from .config import (
+    SOLVER_MODES,
+    AlgorithmType,
+    BetaSchedule,
+    FinalSigmasType,
+    InterpolationType,
+    PredictionType,
+    SolverMode,
+    SolverType,
+    TimeShiftType,
+    TimestepSpacing,
+    TimestepType,
+    VarianceType,
+)
 from .schedule import clipped_t_max, time_grid
 
-SOLVER_MODES = ("multistep", "singlestep")
 LOWER_ORDER_FINAL_BELOW = 15  # diffusers' threshold for lower_order_final (the official code uses 10)
+SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "dpmsolver": "midpoint", "taylor": "heun"}
+# UniPC / DEIS solver types have no DPM-Solver meaning; like diffusers we read them as the default "midpoint".
+FOREIGN_SOLVER_TYPES = ("bh1", "bh2", "logrho")
+
+
+def solver_type_of(config) -> str:
+    """DPM-Solver's second-order variant: 'midpoint' (paper's 'dpmsolver') or 'heun' (paper's 'taylor')."""
+    st = config.solver_type
+    if st in FOREIGN_SOLVER_TYPES:
+        return "midpoint"
+    if st not in SOLVER_TYPES:
+        raise ValueError(f"solver_type={st!r}; use 'midpoint' (= 'dpmsolver') or 'heun' (= 'taylor').")
+    return SOLVER_TYPES[st]
+
+
+def phi_functions(h: float) -> tuple[float, float, float]:
+    """``phi_1 = e^h - 1``, ``phi_2 = phi_1 / h - 1``, ``phi_3 = phi_2 / h - 1/2`` (Lu et al. 2022, App. B).
+
+    For data prediction call with ``-h``. Series expansions keep ``phi_2`` and ``phi_3`` accurate for tiny ``h``.
+    """
+    if math.isinf(h):
+        return (math.inf if h > 0 else -1.0), math.nan, math.nan
+    phi_1 = math.expm1(h)
+    if abs(h) < 1e-3:
+        phi_2 = h / 2 + h**2 / 6 + h**3 / 24
+        phi_3 = h / 6 + h**2 / 24 + h**3 / 120
+    else:
+        phi_2 = phi_1 / h - 1.0
+        phi_3 = phi_2 / h - 0.5
+    return phi_1, phi_2, phi_3
 
 
 def exponential_integrator_update(x, m0, coeffs, D1=None, D2=None, midpoint: bool = False) -> torch.Tensor:
@@ -114,12 +157,12 @@ def singlestep_orders(n: int, solver_order: int, lower_order_final: bool, final_
 class DPMSolverBase(VPScheduler, ConfigMixin):
     """Config, grid and driver shared by ``DPMSolverScheduler`` and ``DPMSolverPPScheduler``.
 
-    Subclasses set ``_form`` to ``"noise"`` or ``"data"`` and implement ``coefficients(alpha_s, sigma_s,
-    alpha_t, sigma_t)``.
+    Subclasses set ``predicts_data`` (True: data form, False: noise form) and implement ``coefficients(alpha_s,
+    sigma_s, alpha_t, sigma_t)``. ``solver_variant`` is the second-order variant that ``solver_type`` names,
+    'midpoint' or 'heun'.
     """
 
     config_name = "scheduler_config.json"
-    _form = "data"
 
     @register_to_config
     def __init__(
@@ -127,22 +170,22 @@ class DPMSolverBase(VPScheduler, ConfigMixin):
         num_train_timesteps: int = 1000,
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
-        beta_schedule: str = "linear",
+        beta_schedule: BetaSchedule = "linear",
         trained_betas: np.ndarray | list[float] | None = None,
         solver_order: int = 2,
-        solver_mode: str = "multistep",
-        prediction_type: str = "epsilon",
+        solver_mode: SolverMode = "multistep",
+        prediction_type: PredictionType = "epsilon",
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
-        solver_type: str = "midpoint",
+        solver_type: SolverType = "midpoint",
         taylor_third_order: bool = False,
         lower_order_final: bool = True,
         euler_at_final: bool = False,
-        final_sigmas_type: str = "zero",
+        final_sigmas_type: FinalSigmasType = "zero",
         lambda_min_clipped: float = -float("inf"),
-        variance_type: str | None = None,
-        timestep_spacing: str = "linspace",
+        variance_type: VarianceType | None = None,
+        timestep_spacing: TimestepSpacing = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
         use_karras_sigmas: bool = False,
@@ -157,12 +200,12 @@ class DPMSolverBase(VPScheduler, ConfigMixin):
         use_flow_sigmas: bool = False,
         flow_shift: float = 1.0,
         use_dynamic_shifting: bool = False,
-        time_shift_type: str = "exponential",
-        algorithm_type: str | None = None,
+        time_shift_type: TimeShiftType = "exponential",
+        algorithm_type: AlgorithmType | None = None,
         set_alpha_to_one: bool | None = None,
         skip_prk_steps: bool | None = None,
-        interpolation_type: str | None = None,
-        timestep_type: str | None = None,
+        interpolation_type: InterpolationType | None = None,
+        timestep_type: TimestepType | None = None,
         predict_x0: bool | None = None,
         disable_corrector: list[int] | None = None,
         solver_p: object | None = None,
@@ -172,7 +215,7 @@ class DPMSolverBase(VPScheduler, ConfigMixin):
             raise ValueError(f"solver_order={solver_order}; DPM-Solver supports orders 1, 2 and 3.")
         if solver_mode not in SOLVER_MODES:
             raise ValueError(f"solver_mode={solver_mode!r}; use one of {SOLVER_MODES}.")
-        self._solver_type = solver_type_of(self.config)
+        self.solver_variant = solver_type_of(self.config)
         self._init_vp()
 
     # ---- grid ---------------------------------------------------------------------------------------------------
@@ -203,15 +246,8 @@ class DPMSolverBase(VPScheduler, ConfigMixin):
             self._block_sample: torch.Tensor | None = None
 
     # ---- stepping -----------------------------------------------------------------------------------------------
-    def _model_term(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
-        x0, eps = self._x0_and_eps(model_output, sample, i)
-        return x0 if self._form == "data" else eps
-
-    def _coeffs(self, s: int, t: int):
-        g = (self.alpha_grid, self.sigma_grid)
-        return self.coefficients(float(g[0][s]), float(g[1][s]), float(g[0][t]), float(g[1][t]))
-
-    def _multistep_order(self, i: int) -> int:
+    def multistep_order(self, i: int) -> int:
+        """The order of multistep step ``i``: warm-up, ``lower_order_final`` / ``euler_at_final``, first order to 0."""
         cfg, n = self.config, self.num_inference_steps
         order = min(cfg.solver_order, i - self._first_index + 1)
         lower = cfg.lower_order_final and n < LOWER_ORDER_FINAL_BELOW
@@ -222,17 +258,17 @@ class DPMSolverBase(VPScheduler, ConfigMixin):
         return order
 
     def _solver_step(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
-        m = self._model_term(model_output, sample, i)
+        m = self.convert_model_output(model_output, sample, i)
         if self.config.solver_mode == "singlestep":
             return self._singlestep(m, sample, i)
         self._history = (self._history + [m])[-self.config.solver_order :]
-        order = self._multistep_order(i)
+        order = self.multistep_order(i)
         ms = self._history[::-1]  # newest first
         lambdas = [self.lambda_grid[i + 1]] + [self.lambda_grid[i - k] for k in range(order)]
         D1, D2 = multistep_differences(ms, lambdas, order, self.config.taylor_third_order)
-        return exponential_integrator_update(
-            sample, ms[0], self._coeffs(i, i + 1), D1, D2, midpoint=order == 2 and self._solver_type == "midpoint"
-        )
+        coeffs = self.coefficients(*self.grid_alpha_sigma(i, i + 1))
+        midpoint = order == 2 and self.solver_variant == "midpoint"
+        return exponential_integrator_update(sample, ms[0], coeffs, D1, D2, midpoint=midpoint)
 
     def _singlestep(self, m: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
         """Stage ``j = i - b0 + 1`` of the block starting at ``b0``; each stage goes from ``b0`` to ``i + 1``.
@@ -247,14 +283,14 @@ class DPMSolverBase(VPScheduler, ConfigMixin):
         self._history.append(m)
         is_last_stage = i + 1 == self._block_end[i]
         lambdas = [self.lambda_grid[i + 1]] + [self.lambda_grid[b0 + k] for k in range(j)]
-        taylor = self._solver_type == "heun" or not is_last_stage
+        taylor = self.solver_variant == "heun" or not is_last_stage
         D1, D2 = singlestep_differences(self._history, lambdas, j, taylor=taylor)
+        coeffs = self.coefficients(*self.grid_alpha_sigma(b0, i + 1))
         midpoint = j == 2 and not taylor
-        return exponential_integrator_update(
-            self._block_sample, self._history[0], self._coeffs(b0, i + 1), D1, D2, midpoint=midpoint
-        )
+        return exponential_integrator_update(self._block_sample, self._history[0], coeffs, D1, D2, midpoint=midpoint)
 
     def coefficients(self, alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float):
+        """``(c_x, a_1, a_2, a_3)`` of the step between these end points (module docstring)."""
         raise NotImplementedError
 
 

@@ -2,57 +2,22 @@
 
 Subclasses implement ``_solver_step(model_output, sample, i) -> prev_sample`` and may override ``_plan_grid``;
 this module owns config handling, time grids, step indexing, ``add_noise``, model-output conversion and input
-checks, so that every solver behaves the same at the pipeline boundary.
+checks, so that every solver behaves the same at the pipeline boundary. The config keys themselves are declared in
+``config.py``.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 
 import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
-from .schedule import (
-    INTEGER_SPACINGS,
-    NoiseScheduleVP,
-    alpha_sigma_from_rho,
-    clipped_t_max,
-    time_grid,
-)
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
-SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "dpmsolver": "midpoint", "taylor": "heun"}
-# UniPC / DEIS solver types have no DPM-Solver meaning; like diffusers we read them as the default "midpoint".
-FOREIGN_SOLVER_TYPES = ("bh1", "bh2", "logrho")
+from .config import FINAL_SIGMAS_TYPES, PREDICTION_TYPES, keep_model_keys
+from .schedule import INTEGER_SPACINGS, SPACINGS, NoiseScheduleVP, alpha_sigma_from_rho, clipped_t_max, time_grid
 
 COMPATIBLES = [e.name for e in KarrasDiffusionSchedulers]
-MODEL_KEYS = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "rescale_betas_zero_snr",
-    "prediction_type",
-)
-"""Config keys that describe the model (its noise schedule and output), not the sampler."""
-
-
-def keep_model_keys(config) -> dict:
-    """A copy of a scheduler config whose model keys survive ``from_config`` into any other scheduler class.
-
-    diffusers drops the keys listed in ``_use_default_values`` when switching classes, so that the target's own
-    defaults apply. For sampler settings that is right; for the noise schedule it is not: HeunDiscreteScheduler's
-    default betas (0.00085..0.012) differ from DDPMScheduler's (0.0001..0.02), and a default-built DDPM config
-    switched to Heun would silently sample another model's schedule.
-    """
-    config = dict(config)
-    used_defaults = config.get("_use_default_values", [])
-    config["_use_default_values"] = [k for k in used_defaults if k not in MODEL_KEYS]
-    return config
 
 
 class VPScheduler(SchedulerMixin):
@@ -68,6 +33,9 @@ class VPScheduler(SchedulerMixin):
 
     _compatibles = COMPATIBLES
     order = 1
+    predicts_data = True
+    """Whether the solver integrates the data prediction ``x0`` (DPM-Solver++, UniPC with ``predict_x0``) or the
+    noise prediction ``eps`` (DPM-Solver); ``convert_model_output`` returns that one."""
 
     def __init_subclass__(cls, **kwargs):
         """Expose ``SchedulerMixin`` in each subclass's module: a saved pipeline's ``model_index.json`` names that
@@ -129,7 +97,7 @@ class VPScheduler(SchedulerMixin):
         if cfg.use_lu_lambdas or cfg.use_exponential_sigmas:  # exponential sigmas = uniform lambda
             return "logSNR"
         spacing = cfg.timestep_spacing
-        if spacing not in INTEGER_SPACINGS + ("time_uniform", "time_quadratic", "logSNR", "karras"):
+        if spacing not in SPACINGS:
             raise ValueError(
                 f"timestep_spacing={spacing!r} is not supported; use 'linspace', 'leading', 'trailing', "
                 "'time_uniform', 'time_quadratic', 'logSNR' or 'karras'."
@@ -263,7 +231,7 @@ class VPScheduler(SchedulerMixin):
         """
         if self.num_inference_steps is None:
             raise ValueError(f"{type(self).__name__}.step was called before set_timesteps; call set_timesteps first.")
-        model_output = self._check_model_output(model_output, sample)
+        model_output = self.check_model_output(model_output, sample)
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
@@ -302,7 +270,7 @@ class VPScheduler(SchedulerMixin):
         return self.config.num_train_timesteps
 
     # ---- model outputs ------------------------------------------------------------------------------------------
-    def _check_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    def check_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """Shape check; models with a learned variance return 2C channels, of which we keep the first C."""
         if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
             raise TypeError(
@@ -320,7 +288,20 @@ class VPScheduler(SchedulerMixin):
             "they must match (a model with a learned variance returns 2C channels: set variance_type='learned')."
         )
 
-    def _x0_and_eps(self, model_output: torch.Tensor, sample: torch.Tensor, i: int):
+    def grid_alpha_sigma(self, s: int, t: int) -> tuple[float, float, float, float]:
+        """``(alpha_s, sigma_s, alpha_t, sigma_t)`` at grid points ``s`` and ``t``: the ends of a step ``s -> t``."""
+        a, sg = self.alpha_grid, self.sigma_grid
+        return float(a[s]), float(sg[s]), float(a[t]), float(sg[t])
+
+    def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
+        """The model term the solver integrates at grid point ``i``: ``x0`` or ``eps`` (see ``predicts_data``).
+
+        diffusers' ``convert_model_output``, with the grid index passed instead of read from ``step_index``.
+        """
+        x0, eps = self.x0_and_eps(model_output, sample, i)
+        return x0 if self.predicts_data else eps
+
+    def x0_and_eps(self, model_output: torch.Tensor, sample: torch.Tensor, i: int):
         """Data and noise predictions ``(x0, eps)`` at grid point ``i`` from the raw model output.
 
         epsilon: ``x0 = (x - sigma eps) / alpha``; v: ``x0 = alpha x - sigma v``, ``eps = alpha v + sigma x``;
@@ -365,30 +346,3 @@ def eps_from_model_output(out, x, alpha, sigma, prediction_type: str):
     if prediction_type == "sample":
         return (x - alpha * out) / sigma
     raise ValueError(f"prediction_type={prediction_type!r}; use one of {PREDICTION_TYPES}.")
-
-
-def solver_type_of(config) -> str:
-    """DPM-Solver's second-order variant: 'midpoint' (paper's 'dpmsolver') or 'heun' (paper's 'taylor')."""
-    st = config.solver_type
-    if st in FOREIGN_SOLVER_TYPES:
-        return "midpoint"
-    if st not in SOLVER_TYPES:
-        raise ValueError(f"solver_type={st!r}; use 'midpoint' (= 'dpmsolver') or 'heun' (= 'taylor').")
-    return SOLVER_TYPES[st]
-
-
-def phi_functions(h: float) -> tuple[float, float, float]:
-    """``phi_1 = e^h - 1``, ``phi_2 = phi_1 / h - 1``, ``phi_3 = phi_2 / h - 1/2`` (Lu et al. 2022, App. B).
-
-    For data prediction call with ``-h``. Series expansions keep ``phi_2`` and ``phi_3`` accurate for tiny ``h``.
-    """
-    if math.isinf(h):
-        return (math.inf if h > 0 else -1.0), math.nan, math.nan
-    phi_1 = math.expm1(h)
-    if abs(h) < 1e-3:
-        phi_2 = h / 2 + h**2 / 6 + h**3 / 24
-        phi_3 = h / 6 + h**2 / 24 + h**3 / 120
-    else:
-        phi_2 = phi_1 / h - 1.0
-        phi_3 = phi_2 / h - 0.5
-    return phi_1, phi_2, phi_3
