@@ -12,7 +12,7 @@ import sys
 
 from .options import add_arguments, from_args
 
-COMMANDS = ("sample", "bench", "ems", "calibrate", "train", "eval")
+COMMANDS = ("sample", "bench", "ems", "calibrate", "train", "eval", "pairs")
 
 
 def build_parser() -> argparse.ArgumentParser:
