@@ -16,10 +16,10 @@ from diffalign.alignment.digits_pairs import make_digits_pairs
 from diffalign.alignment.methods import MethodInputs
 from diffalign.alignment.rankdpo import RankDPO, RankDPOOptions
 from diffalign.alignment.trainer import train
-from diffalign.pipelines.digits import load_digits_pipeline
+from diffalign.models.digits import load_digits_pipeline
 
 _spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "pipelines" / "tiny_pipelines.py"
+    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
 )
 tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tiny)

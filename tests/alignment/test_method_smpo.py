@@ -17,10 +17,10 @@ from diffalign.alignment.methods import DiffusionDPO, DPOOptions, MethodInputs
 from diffalign.alignment.noise import NoiseRequest, inversion_noise
 from diffalign.alignment.smpo import SCORE_RANGES, SmPO, SmPOOptions, parse_score_range
 from diffalign.alignment.trainer import train
-from diffalign.pipelines.digits import load_digits_pipeline
+from diffalign.models.digits import load_digits_pipeline
 
 _spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "pipelines" / "tiny_pipelines.py"
+    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
 )
 tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tiny)
