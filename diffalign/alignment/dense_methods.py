@@ -1,6 +1,7 @@
 """The dense preference methods: DenseDPO (per temporal segment of video pairs) and PatchDPO (per image patch).
 
-Registered in ``methods.METHODS`` on import (``config.py`` imports this module for the options). Both reduce the trainer's unreduced per-element squared errors below the candidate level (``losses.py``):
+Registered in ``methods.METHODS`` on import (``config.py`` imports this module for the options). Both reduce the
+trainer's unreduced per-element squared errors below the candidate level (``losses.py``):
 
 - ``DenseDPO`` (Wu et al. 2025, arXiv 2506.03517): video pairs (K = 2) made from one clean clip corrupted and
   denoised twice (``dense_pairs.py``), labels (B, S) in {+1, -1, 0} per temporal segment, one Diffusion-DPO term per
@@ -54,8 +55,9 @@ class DenseDPO(PreferenceMethod):
             )
         if inputs.policy_errors.ndim != 6:
             raise ValueError(
-                f"DenseDPO trains a video UNet on clips (B, K, c, F, h, w); got errors {tuple(inputs.policy_errors.shape)}"
-                " (images?). Use --pretrained_model_name_or_path digits-clips or a UNet3DConditionModel pipeline."
+                "DenseDPO trains a video UNet on clips (B, K, c, F, h, w); got errors "
+                f"{tuple(inputs.policy_errors.shape)} (images?). Use --pretrained_model_name_or_path digits-clips "
+                "or a UNet3DConditionModel pipeline."
             )
         labels = inputs.batch["labels"].to(inputs.policy_errors.device)  # (B, S)
         return densedpo_loss(inputs.policy_errors, inputs.reference_errors, labels, beta=self.options.densedpo_beta)
@@ -78,8 +80,8 @@ class PatchDPO(PreferenceMethod):
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if "weight_maps" not in inputs.batch:
             raise ValueError(
-                "PatchDPO needs per-candidate patch quality maps ('weight_maps' per record, the reference image first); "
-                "compute them with diffalign.alignment.patch_quality.write_quality_maps."
+                "PatchDPO needs per-candidate patch quality maps ('weight_maps' per record, the reference image "
+                "first); compute them with diffalign.alignment.patch_quality.write_quality_maps."
             )
         weight_maps = inputs.batch["weight_maps"].to(inputs.policy_errors.device)  # (B, K, 1, H, W)
         return patchdpo_loss(inputs.policy_errors, weight_maps)
