@@ -31,7 +31,7 @@ DEMO_CONFIG = dict(
     train_batch_size=16,
     learning_rate=1e-4,
     lora_rank=8,
-    lora_target_modules="to_v,to_out.0,conv1,conv2",
+    lora_target_modules="to_v,to_out.0,resnets.0.conv1,resnets.0.conv2,resnets.1.conv1,resnets.1.conv2",
     checkpointing_steps=0,
     progress_bar=False,
 )

@@ -29,12 +29,13 @@ class AdapterUNet3DConditionModel(UNet3DConditionModel, PeftAdapterMixin):
 
 
 def with_adapters(unet: UNet3DConditionModel) -> AdapterUNet3DConditionModel:
-    """The same UNet (config and weights) as an ``AdapterUNet3DConditionModel``; returned as is if it already is."""
+    """The same UNet (config and weights, in float32) as an ``AdapterUNet3DConditionModel``; returned as is if it
+    already is one."""
     if isinstance(unet, PeftAdapterMixin):
         return unet
     adapted = AdapterUNet3DConditionModel.from_config(unet.config)
     adapted.load_state_dict(unet.state_dict())
-    return adapted.to(unet.device, unet.dtype)
+    return adapted.to(unet.device)
 
 
 def is_digits_clips(name_or_path: str) -> bool:
