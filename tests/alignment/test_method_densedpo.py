@@ -174,3 +174,33 @@ def test_one_densedpo_step_on_a_tiny_video_unet_with_checkpoint_and_resume(tmp_p
     )
     clips = pipeline("a handwritten 3", num_frames=4, num_inference_steps=2, output_type="latent").frames
     assert clips.shape == (1, 1, 4, 8, 8) and torch.isfinite(clips).all()
+
+
+def test_make_clip_pairs_orders_by_clip_reward_and_labels_by_segment(tmp_path):
+    from diffalign.alignment.dense_pairs import TIE_THRESHOLD, make_clip_pairs
+    from diffalign.alignment.video import load_digits_clips
+
+    pipeline = load_digits_clips(str(tiny_clip_pipeline(tmp_path / "tiny_clips")))
+    folder = make_clip_pairs(tmp_path / "pairs", pipeline, num_pairs=4, strength=0.5, batch_size=4)
+    records = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    for record in records:
+        rewards_0, rewards_1 = torch.tensor(record["segments"])  # (S,) each
+        assert record["scores"][0] >= record["scores"][1]
+        assert record["scores"][0] == pytest.approx(rewards_0.mean().item(), abs=1e-6)
+        assert record["labels"] == segment_labels(rewards_0[None], rewards_1[None], TIE_THRESHOLD)[0].tolist()
+        assert np.load(folder / record["clips"][0]).shape == (1, 6, 8, 8)
+    assert ClipPreferenceDataset(folder)[0]["pixels"].shape == (2, 1, 6, 8, 8)
+
+
+def test_compare_segments_reports_each_segment_and_the_clip():
+    from diffalign.evaluation.clip_segments import compare_segments
+
+    base = torch.randn(40, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tuned = base + torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64)
+    report = compare_segments(tuned, base, group_size=4)
+    assert report["segment_0"]["mean_difference"] == pytest.approx(0.5, abs=1e-9)
+    assert report["segment_0"]["mean_difference_ci"] == pytest.approx([0.5, 0.5], abs=1e-9)
+    assert report["segment_1"]["mean_difference"] == pytest.approx(0.0, abs=1e-12)
+    assert report["clip"]["mean_difference"] == pytest.approx(0.5 / 3, abs=1e-9)
+    assert report["segment_0"]["win_rate"] == 1.0
