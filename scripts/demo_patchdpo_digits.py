@@ -31,13 +31,14 @@ from diffalign.pipelines.digits import load_digits_pipeline
 
 DEMO_CONFIG = dict(
     train_batch_size=16,
-    learning_rate=2e-4,
     lora_rank=8,
     lora_target_modules="to_v,to_out.0,conv1,conv2",
     checkpointing_steps=0,
     progress_bar=False,
 )
 BETA = 500.0
+LEARNING_RATES = {"patchdpo": 1e-3, "dpo": 2e-4}
+"""Per method: PatchDPO's loss is a weighted MSE (gradient scale ~1), Diffusion-DPO's is scaled by beta = 500."""
 
 
 def main() -> None:
@@ -63,7 +64,13 @@ def main() -> None:
         start = time.time()
         run = out / method
         config = TrainConfig(
-            **DEMO_CONFIG, **options, method=method, dataset=str(data), output_dir=str(run), max_train_steps=args.steps
+            **DEMO_CONFIG,
+            **options,
+            method=method,
+            learning_rate=LEARNING_RATES[method],
+            dataset=str(data),
+            output_dir=str(run),
+            max_train_steps=args.steps,
         )
         train(config)
         seconds = time.time() - start
