@@ -16,7 +16,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffusers import UNet3DConditionModel
+from diffusers import (
+    ModelMixin,  # noqa: F401  (a saved pipeline names this module for its UNet; diffusers looks the base class up here)
+    UNet3DConditionModel,
+)
 from diffusers.loaders.peft import PeftAdapterMixin
 
 from ..models.clips import DigitsClipPipeline, load_digits_clip_pipeline

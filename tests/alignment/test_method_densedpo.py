@@ -204,3 +204,24 @@ def test_compare_segments_reports_each_segment_and_the_clip():
     assert report["segment_1"]["mean_difference"] == pytest.approx(0.0, abs=1e-12)
     assert report["clip"]["mean_difference"] == pytest.approx(0.5 / 3, abs=1e-9)
     assert report["segment_0"]["win_rate"] == 1.0
+
+
+def test_full_finetune_of_the_video_unet_saves_a_pipeline_that_loads(tmp_path):
+    from diffalign.alignment.video import load_digits_clips
+
+    model = tiny_clip_pipeline(tmp_path / "tiny_clips")
+    config = TrainConfig(
+        pretrained_model_name_or_path=str(model),
+        dataset=str(write_clip_pairs(tmp_path / "data")),
+        method="densedpo",
+        finetune="full",
+        output_dir=str(tmp_path / "run"),
+        train_batch_size=2,
+        max_train_steps=1,
+        checkpointing_steps=0,
+        progress_bar=False,
+    )
+    result = train(config)
+    loaded = load_digits_clips(str(tmp_path / "run")).unet
+    for name, value in result.unet.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value)
