@@ -37,8 +37,7 @@ DEMO_CONFIG = dict(
     progress_bar=False,
 )
 BETA = 500.0
-LEARNING_RATES = {"patchdpo": 1e-3, "dpo": 2e-4}
-"""Per method: PatchDPO's loss is a weighted MSE (gradient scale ~1), Diffusion-DPO's is scaled by beta = 500."""
+DPO_LEARNING_RATE = 2e-4
 
 
 def main() -> None:
@@ -47,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--samples_per_digit", type=int, default=32)
     parser.add_argument("--num_seeds", type=int, default=20)
+    parser.add_argument("--patchdpo_lr", type=float, default=2e-4, help="PatchDPO's learning rate (DPO: 2e-4)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -67,7 +67,7 @@ def main() -> None:
             **DEMO_CONFIG,
             **options,
             method=method,
-            learning_rate=LEARNING_RATES[method],
+            learning_rate=args.patchdpo_lr if method == "patchdpo" else DPO_LEARNING_RATE,
             dataset=str(data),
             output_dir=str(run),
             max_train_steps=args.steps,
