@@ -11,8 +11,9 @@ weights are saved in float16 as a ``DigitsClipPipeline`` folder (``model_index.j
 
 Afterwards ``--eval_clips`` clips (the ten digits in turn) are sampled with 20 DDIM steps and three numbers printed:
 the per-frame accuracy of the digits classifier for the prompted digit, the mean per-frame log p(prompted digit),
-and ``drift_residual`` (how far the clips are from a rigid one-pixel drift: 0.017 for the training clips, 0.29 for
-independent digits per frame, which is what the inflated image model draws before training).
+and ``drift_residual`` (how far the clips are from a rigid one-pixel drift: 0.017 for the training clips, 0.29
+for independent dataset digits of the class in each frame, 0.18 for the inflated image model before training, whose
+frames are independent digits-cond samples).
 
 Threads: train with ``--threads 1`` (the default) on a shared machine. On 2 cores loaded by other jobs, two threads
 ran more than ten times slower than one (under 100 steps in 19 minutes against 100 steps in 131 s). Seeds are

@@ -13,14 +13,17 @@ so that video methods (DenseDPO, Wu et al. 2025) have real samples and a real pe
   block), conditioned by the same ``DigitsPromptEncoder`` ("a handwritten 7"; "" is the classifier-free-guidance
   null prompt). It is inflated from the image model as in Make-A-Video (Singer et al. 2022, Sec. 3.2): spatial
   layers copied from ``digits-cond``, temporal convolutions and temporal attentions initialised to the identity, so
-  training starts from per-frame digits and only has to learn the motion.
+  training starts from a model that already draws a digit in every frame and mainly has to learn the motion.
 - ``DigitsClipPipeline``: ``DigitsPipeline``'s denoising loop over (B, 1, F, 8, 8) latents; any diffusers scheduler
   swaps in with ``pipe.scheduler = X.from_config(pipe.scheduler.config)``.
 - ``clip_segment_rewards``: per-segment reward, the mean over a segment's frames of the digits classifier's
   log p(prompted digit | frame), segments laid out in time as ``diffalign.alignment.losses.frame_segments``.
 
 The shipped weights live in ``diffalign/assets/digits/digits-clips/`` (float16 safetensors + JSON) and are retrained
-by ``scripts/train_embedded_clips.py``; the loader returns float32 modules.
+by ``scripts/train_embedded_clips.py``; the loader returns float32 modules. Measured on its samples (DDIM, seeded):
+per-frame classifier accuracy for the prompted digit 0.94 (20 clips, 10 steps, guidance 2; 0.92 on 100 clips at 20
+steps; 0.99 at guidance 4), lower on the shifted first and last frames (0.80-0.92) than on the centred middle ones
+(1.0); ``drift_residual`` 0.12, against 0.18 for the untrained inflated model and 0.017 for the training clips.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ DIRECTIONS = torch.tensor([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1),
 def drift_offsets(num_frames: int) -> torch.Tensor:
     """Position of the digit along its direction in each frame, round(2 f / (F - 1) - 1) in {-1, 0, 1}, (F,) int64.
 
-    F = 6 gives -1, -1, 0, 0, 1, 1: a one-pixel step every two frames; one frame stays at the centre.
+    F = 6 gives -1, -1, 0, 0, 1, 1: a one-pixel step every two frames.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames={num_frames}: a clip needs at least one frame.")
@@ -110,8 +113,8 @@ def load_digit_clips(
 def drift_residual(clips: torch.Tensor) -> torch.Tensor:
     """How far clips (B, 1, F, 8, 8) in [-1, 1] are from a rigid one-pixel drift: (B,), the mean over consecutive
     frame pairs of min over shifts (dy, dx) in {-1, 0, 1}^2 of the mean squared difference between frame f + 1 and
-    frame f shifted (border -1). The training clips score 0.017 on average (pixels lost at the border), clips of
-    independent digits of the same class 0.29."""
+    frame f shifted (border -1). The training clips score 0.017 (pixels lost at the border), the shipped model's
+    samples 0.12, independent digits-cond samples of one prompt per frame 0.18, independent dataset digits 0.29."""
     batch_size, _, num_frames = clips.shape[:3]
     if num_frames < 2:
         raise ValueError(f"drift_residual needs clips of at least two frames, got {tuple(clips.shape)}.")
@@ -183,7 +186,8 @@ class DigitsClipPipeline(DiffusionPipeline):
         # model_index.json names this module, which imports the encoder (and ModelMixin, the base class diffusers
         # looks up in the named module to find the loading method), so the saved folder loads wherever
         # DigitsPromptEncoder itself is defined
-        self.register_to_config(text_encoder=(__name__, type(text_encoder).__name__))
+        if type(text_encoder) is DigitsPromptEncoder:
+            self.register_to_config(text_encoder=(__name__, DigitsPromptEncoder.__name__))
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False, do_normalize=True)
 
     @torch.no_grad()
@@ -208,6 +212,8 @@ class DigitsClipPipeline(DiffusionPipeline):
         (B, F, 8, 8, 1) or ``"pt"`` (B, 1, F, 8, 8), all in [0, 1], or ``"latent"``: the raw clips (B, 1, F, 8, 8)
         in model space [-1, 1], the input of ``clip_segment_rewards``.
         """
+        if num_frames < 1:
+            raise ValueError(f"num_frames={num_frames}: a clip needs at least one frame.")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         labels = self.text_encoder.tokenize(prompts)  # (P,)
         if (labels == NULL_LABEL).any():
