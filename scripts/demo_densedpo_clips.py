@@ -52,7 +52,7 @@ def label_summary(folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_densedpo")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--num_pairs", type=int, default=512)
     parser.add_argument("--num_seeds", type=int, default=20)
     args = parser.parse_args()
