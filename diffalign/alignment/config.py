@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..options import option, parse_args, validate_choices
+from .dense_methods import DenseDPOOptions, PatchDPOOptions
 from .methods import METHODS, DPOOptions, get_method, method_options
 from .rankdpo import RankDPOOptions
 from .smpo import SmPOOptions
@@ -25,7 +26,8 @@ class RunOptions:
     # model
     pretrained_model_name_or_path: str = option(
         EMBEDDED_MODEL,
-        "diffusers pipeline (hub id or local folder; SD 1.x/2.x or SDXL) or the embedded 'digits-cond'",
+        "diffusers pipeline (hub id or local folder; SD 1.x/2.x or SDXL), the embedded 'digits-cond', or the "
+        "embedded video model 'digits-clips' (or a folder saved from a DigitsClipPipeline)",
         "model",
     )
     revision: str | None = option(None, "hub revision of the pipeline", "model")
@@ -126,7 +128,7 @@ class RunOptions:
 
 
 @dataclass
-class TrainConfig(RankDPOOptions, SmPOOptions, DPOOptions, RunOptions):
+class TrainConfig(PatchDPOOptions, DenseDPOOptions, RankDPOOptions, SmPOOptions, DPOOptions, RunOptions):
     """Options of one preference-training run: the shared ones, then every registered method's own options."""
 
     def __post_init__(self):

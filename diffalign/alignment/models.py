@@ -18,6 +18,7 @@ from diffusers import DDPMScheduler
 
 from ..models.digits import load_digits_pipeline
 from .config import EMBEDDED_MODEL
+from .video import is_digits_clips, load_digits_clips
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -26,7 +27,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class Backbone:
     """A loaded pipeline seen as (UNet, training schedule, image encoder, prompt encoder)."""
 
-    kind: str  # "digits" (pixel space, no VAE), "sd" or "sdxl"
+    kind: str  # "digits" (pixel space, no VAE), "sd", "sdxl" or "digits-clips" (video, pixel space)
     pipeline: object
     noise_scheduler: DDPMScheduler
     image_channels: int
@@ -58,7 +59,7 @@ class Backbone:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Prompts -> per-sample conditioning tensors, batch first (see the module docstring)."""
-        if self.kind == "digits":
+        if self.kind in ("digits", "digits-clips"):
             encoder = self.pipeline.text_encoder
             return {"encoder_hidden_states": encoder(encoder.tokenize(prompts).to(device))}  # (B, 1, D)
         if self.kind == "sdxl":
@@ -97,6 +98,10 @@ def load_backbone(name_or_path: str, revision: str | None = None, variant: str |
         pipeline = load_digits_pipeline(conditional=True)
         size = pipeline.unet.config.sample_size
         return Backbone("digits", pipeline, pipeline.scheduler, pipeline.unet.config.in_channels, size)
+    if is_digits_clips(name_or_path):  # video: latents (B, C, F, H, W), alignment/video.py
+        pipeline = load_digits_clips(name_or_path)
+        size = pipeline.unet.config.sample_size
+        return Backbone("digits-clips", pipeline, pipeline.scheduler, pipeline.unet.config.in_channels, size)
 
     from diffusers import DiffusionPipeline
 

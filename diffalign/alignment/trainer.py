@@ -91,6 +91,10 @@ def _set_attention(unet, name: str) -> None:
 def build_dataset(config: TrainConfig, backbone: Backbone, accelerator: Accelerator):
     """The decoded records of ``--dataset`` (digits-cond without one: pairs of its own samples), or their latent
     cache in ``--cache_dir`` (built first if needed)."""
+    if backbone.kind == "digits-clips":  # video: clip pairs (dense_pairs.py)
+        from .dense_pairs import build_clip_dataset
+
+        return build_clip_dataset(config, backbone, accelerator)
     dataset_path = config.dataset
     if dataset_path is None:
         if config.pretrained_model_name_or_path != EMBEDDED_MODEL:
