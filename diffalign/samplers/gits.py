@@ -137,12 +137,14 @@ def gits_grid(
     coeffs: Sequence[float] = COEFFS,
     substeps: int = 8,
     metric: str = "l2",
+    costs: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """The GITS grid for ``scheduler`` (ours or diffusers') at ``nfe`` steps, learned on the noises ``x_T`` (B, ...).
 
     ``trajectory`` (M + 1, B, ...): teacher states at ``candidates`` (computed when None). Returns ``(sigmas, info)``:
     the ``nfe + 1`` sigmas (last 0; at integer timesteps for diffusers' schedulers) and the cost and end-point MSE of
-    each tried ``coeff``. The cost matrix is computed once; each ``coeff`` costs one solve of ``x_T``.
+    each tried ``coeff``. ``costs``: ``local_error_costs`` of that trajectory, to reuse across solvers and NFEs
+    (computed when None). Each ``coeff`` costs one solve of ``x_T``.
     """
     config = dict(scheduler.config)
     schedule = NoiseScheduleVP.from_config(config)
@@ -156,7 +158,8 @@ def gits_grid(
         raise ValueError(
             f"trajectory has shape {tuple(trajectory.shape)}, expected ({len(candidates)}, *{tuple(x_T.shape)})."
         )
-    costs = local_error_costs(model, config, trajectory, candidates, metric)
+    if costs is None:
+        costs = local_error_costs(model, config, trajectory, candidates, metric)
     target = trajectory[-1]
     tried = {}
     for coeff in coeffs:
