@@ -61,7 +61,11 @@ def default_sigmas(scheduler, nfe: int) -> np.ndarray:
     return scheduler.sigmas.double().numpy()
 
 
-def learn_model(name: str, nfes: list[int], guidance_scale: float = 1.0, ship: bool = True) -> dict:
+def learn_model(
+    name: str, nfes: list[int], guidance_scale: float = 1.0, ship: bool = True, other_scale: float | None = None
+) -> dict:
+    """Learn, select, measure and (with ``ship``) save the grids of ``name``; with ``other_scale`` also measure
+    the grids learned at ``guidance_scale`` at that other scale (overfitting to the guidance scale)."""
     torch.set_num_threads(1)
     target = calibration_model(name)
     model = target.model_for(guidance_scale)
@@ -125,6 +129,7 @@ def learn_model(name: str, nfes: list[int], guidance_scale: float = 1.0, ship: b
                 record = {k: v for k, v in info.items() if k != "tried"}
                 record.update(method=best, val_mse=row[f"{best}_val"], default_val_mse=row["default_val"])
                 grids.add(scheduler, options[best], g, **record)
+            row["sigmas"] = {method: np.asarray(sigmas).tolist() for method, sigmas in options.items()}
             log["rows"].append(row)
             print(
                 f"  NFE {nfe:>2} {label:<24} test MSE default {row['default_test']:.3e}  gits {row['gits_test']:.3e}"
@@ -138,6 +143,20 @@ def learn_model(name: str, nfes: list[int], guidance_scale: float = 1.0, ship: b
             err = mse(model, scheduler, *data["test"], default_sigmas(scheduler, nfe))
             log["rows"].append({"solver": label, "nfe": nfe, "default_test": err})
             print(f"  NFE {nfe:>2} {label:<36} test MSE {err:.3e}", flush=True)
+    if other_scale is not None:
+        other = target.model_for(other_scale)
+        x = data["test"][0]
+        y = reference_for(other, config, rtol)(x.double(), rho_T).float()
+        for row in [r for r in log["rows"] if "shipped" in r]:
+            scheduler = schedulers[row["solver"]]
+            for method in ("default", row["shipped"]):
+                row[f"{method}_test_at_{other_scale:g}"] = mse(other, scheduler, x, y, row["sigmas"][method])
+            shipped, suffix = row["shipped"], f"test_at_{other_scale:g}"
+            print(
+                f"  at guidance {other_scale:g}: NFE {row['nfe']:>2} {row['solver']:<24} default "
+                f"{row['default_' + suffix]:.3e}  {shipped} {row[shipped + '_' + suffix]:.3e}",
+                flush=True,
+            )
     if ship and grids.grids:
         grids.save(target.scheduler_dir)
         log["shipped_to"] = str(target.scheduler_dir)
@@ -146,12 +165,17 @@ def learn_model(name: str, nfes: list[int], guidance_scale: float = 1.0, ship: b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["gmm"], choices=["gmm", "digits"])
+    parser.add_argument("--models", nargs="+", default=["gmm"], choices=["gmm", "digits", "digits-cond"])
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance (digits-cond)")
+    parser.add_argument("--other_guidance_scale", type=float, help="also measure the grids at this guidance scale")
     parser.add_argument("--nfe", nargs="+", type=int, default=[5, 6, 8, 10])
     parser.add_argument("--no-ship", action="store_true", help="measure only; do not write the grids")
     parser.add_argument("--out", type=Path, help="JSON file for the measurements")
     args = parser.parse_args()
-    logs = [learn_model(name, args.nfe, ship=not args.no_ship) for name in args.models]
+    logs = [
+        learn_model(name, args.nfe, args.guidance_scale, not args.no_ship, args.other_guidance_scale)
+        for name in args.models
+    ]
     if args.out:
         args.out.write_text(json.dumps(logs, indent=1))
 

@@ -1,11 +1,13 @@
 """Learned grids as side information: save / from_pretrained round trip, set_timesteps uses them, fingerprints."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from diffalign.samplers import DCSolverScheduler, DPMSolverPPScheduler
+from diffalign.samplers import DCSolverScheduler, DPMSolverPPScheduler, DPMSolverV3Scheduler
 from diffalign.samplers.learned_grid import LearnedGrids, pipeline_grid_kwargs, set_grid
 from diffalign.samplers.side_info import schedule_fingerprint
 
@@ -82,3 +84,15 @@ def test_diffusers_helpers():
     set_grid(unipc, GRID)
     assert unipc.timesteps.tolist() == kwargs["timesteps"] and float(unipc.sigmas[-1]) == 0.0
     np.testing.assert_allclose(unipc.sigmas[:-1].numpy(), GRID[:-1], rtol=0.05)  # moved to integer timesteps
+
+
+def test_shipped_gmm_grids_load_with_from_pretrained():
+    folder = Path(__file__).resolve().parents[2] / "diffalign" / "assets" / "gmm" / "scheduler"
+    scheduler = DPMSolverV3Scheduler.from_pretrained(folder)
+    assert scheduler.ems is not None and scheduler.learned_grids is not None
+    for nfe in (5, 6, 8, 10):
+        scheduler.set_timesteps(nfe)
+        np.testing.assert_allclose(
+            scheduler.sigmas.numpy(), scheduler.learned_sigmas(nfe), rtol=1e-2
+        )  # snapped to EMS
+    assert scheduler.learned_grids.get("UniPCMultistepScheduler", 5) is not None
