@@ -30,7 +30,7 @@ from diffalign.samplers import DPMSolverPPScheduler, DPMSolverV3Scheduler
 from diffalign.samplers.gits import candidate_sigmas, gits_grid, local_error_costs, solve, teacher_trajectory
 from diffalign.samplers.ld3 import ld3_grid
 from diffalign.samplers.learned_grid import LearnedGrids, integer_grid
-from diffalign.samplers.schedule import NoiseScheduleVP
+from diffalign.samplers.schedule import NoiseScheduleVP, time_grid
 from diffalign.samplers.side_info import schedule_fingerprint
 
 SOLVERS = {
@@ -45,6 +45,8 @@ BASELINES = {  # diffusers' own grids, NFE 5 and 10
     "diffusers DPM-Solver++ (lu lambdas)": (DPMSolverMultistepScheduler, {"use_lu_lambdas": True}),
 }
 SEEDS = {"gits": (100, 16), "ld3": (200, 100), "val": (300, 50), "test": (400, 128)}
+FIXED = ("time_quadratic", "logSNR")
+"""Fixed grid families (DPM-Solver's ``skip_type``) tried beside the learned grids and as LD3's starting point."""
 
 
 def noises(seed: int, n: int, shape) -> torch.Tensor:
@@ -56,13 +58,41 @@ def mse(model, scheduler, x, reference, sigmas) -> float:
     return (solve(model, scheduler, x, sigmas).double() - reference.double()).pow(2).mean().item()
 
 
+def fixed_sigmas(schedule: NoiseScheduleVP, nfe: int, spacing: str) -> np.ndarray:
+    """A ``spacing`` grid from ``t_max`` to ``t = 0``, then the jump to sigma 0 (``final_sigmas_type='zero'``)."""
+    rhos = schedule.rho(time_grid(schedule, nfe, spacing=spacing))
+    rhos[-1] = 0.0
+    return rhos
+
+
+def references(reference, name: str, guidance_scale: float, shape, rho_T: float, cache: Path | None) -> dict:
+    """``{split: (x_T, reference end point)}`` for ``SEEDS``, read from / written to ``cache`` when given."""
+    data = {}
+    for split, (seed, n) in SEEDS.items():
+        path = None if cache is None else cache / f"{name}_g{guidance_scale:g}_{seed}_{n}.pt"
+        x = noises(seed, n, shape)
+        if path is not None and path.is_file():
+            data[split] = (x, torch.load(path, weights_only=True))
+            continue
+        data[split] = (x, reference(x.double(), rho_T).float())
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(data[split][1], path)
+    return data
+
+
 def default_sigmas(scheduler, nfe: int) -> np.ndarray:
     scheduler.set_timesteps(nfe)
     return scheduler.sigmas.double().numpy()
 
 
 def learn_model(
-    name: str, nfes: list[int], guidance_scale: float = 1.0, ship: bool = True, other_scale: float | None = None
+    name: str,
+    nfes: list[int],
+    guidance_scale: float = 1.0,
+    ship: bool = True,
+    other_scale: float | None = None,
+    cache: Path | None = None,
 ) -> dict:
     """Learn, select, measure and (with ``ship``) save the grids of ``name``; with ``other_scale`` also measure
     the grids learned at ``guidance_scale`` at that other scale (overfitting to the guidance scale)."""
@@ -75,10 +105,7 @@ def learn_model(
     rtol = 1e-7 if name == "gmm" else LEARNED_MODEL_RTOL
     reference = reference_for(model, config, rtol)
     start = time.perf_counter()
-    data = {}
-    for split, (seed, n) in SEEDS.items():
-        x = noises(seed, n, target.sample_shape)
-        data[split] = (x, reference(x.double(), rho_T).float())
+    data = references(reference, name, guidance_scale, target.sample_shape, rho_T, cache)
     log = {"model": name, "guidance_scale": guidance_scale, "reference_s": time.perf_counter() - start, "rows": []}
     print(f"{name}: references in {log['reference_s']:.0f} s", flush=True)
 
@@ -102,8 +129,11 @@ def learn_model(
         pp = schedulers["dpm_solver_pp"]
         candidates, trajectory, costs = teachers[False]
         gits_pp, _ = gits_grid(model, pp, nfe, x_gits, trajectory, candidates, costs=costs)
+        starts = {"gits": gits_pp, **{spacing: fixed_sigmas(schedule, nfe, spacing) for spacing in FIXED}}
+        init = min(starts, key=lambda k: mse(model, pp, *data["val"], starts[k]))
         x, y = data["ld3"]
-        ld3, ld3_info = ld3_grid(model, config, gits_pp, x, y, *data["val"], num_epochs=6, batch_size=25)
+        ld3, ld3_info = ld3_grid(model, config, starts[init], x, y, *data["val"], num_epochs=6, batch_size=25)
+        ld3_info["init"] = init
         ld3_s = time.perf_counter() - start
         for label, scheduler in schedulers.items():
             ours = hasattr(scheduler, "learned_sigmas")
@@ -115,6 +145,7 @@ def learn_model(
                 "default": default_sigmas(scheduler, nfe),
                 "gits": gits,
                 "ld3": ld3 if ours else integer_grid(schedule, ld3),
+                **{k: v if ours else integer_grid(schedule, v) for k, v in starts.items() if k in FIXED},
             }
             row = {"solver": label, "nfe": nfe, "gits_s": gits_s, "ld3_s": ld3_s, "gits_coeff": gits_info["coeff"]}
             for method, sigmas in options.items():
@@ -125,16 +156,17 @@ def learn_model(
             best = min(options, key=lambda m: row[f"{m}_val"])
             row["shipped"] = best
             if best != "default":
-                info = gits_info if best == "gits" else ld3_info
+                info = {"gits": gits_info, "ld3": ld3_info}.get(best, {"method": f"fixed {best} grid"})
                 record = {k: v for k, v in info.items() if k != "tried"}
                 record.update(method=best, val_mse=row[f"{best}_val"], default_val_mse=row["default_val"])
                 grids.add(scheduler, options[best], g, **record)
             row["sigmas"] = {method: np.asarray(sigmas).tolist() for method, sigmas in options.items()}
             log["rows"].append(row)
+            fixed = "  ".join(f"{k} {row[k + '_test']:.3e}" for k in FIXED)
             print(
                 f"  NFE {nfe:>2} {label:<24} test MSE default {row['default_test']:.3e}  gits {row['gits_test']:.3e}"
-                f" (train {row['gits_train']:.3e})  ld3 {row['ld3_test']:.3e} (train {row['ld3_train']:.3e})"
-                f"  -> {best}",
+                f" (train {row['gits_train']:.3e})  ld3 {row['ld3_test']:.3e} (train {row['ld3_train']:.3e}, "
+                f"from {init})  {fixed}  -> {best}",
                 flush=True,
             )
     for label, (cls, overrides) in BASELINES.items():
@@ -171,9 +203,10 @@ def main() -> None:
     parser.add_argument("--nfe", nargs="+", type=int, default=[5, 6, 8, 10])
     parser.add_argument("--no-ship", action="store_true", help="measure only; do not write the grids")
     parser.add_argument("--out", type=Path, help="JSON file for the measurements")
+    parser.add_argument("--cache", type=Path, help="folder for the reference end points (reused across runs)")
     args = parser.parse_args()
     logs = [
-        learn_model(name, args.nfe, args.guidance_scale, not args.no_ship, args.other_guidance_scale)
+        learn_model(name, args.nfe, args.guidance_scale, not args.no_ship, args.other_guidance_scale, args.cache)
         for name in args.models
     ]
     if args.out:
