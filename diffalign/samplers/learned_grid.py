@@ -40,8 +40,7 @@ def grid_key(solver: str, nfe: int, guidance_scale: float | None = None) -> str:
 
 
 def solver_name(scheduler) -> str:
-    """The solver a grid belongs to: the scheduler's class name (``DPMSolverPPScheduler``, ``UniPCMultistepScheduler``
-    ...)."""
+    """The solver a grid belongs to: a scheduler's class name, e.g. ``UniPCMultistepScheduler`` (a str is kept)."""
     return scheduler if isinstance(scheduler, str) else type(scheduler).__name__
 
 
