@@ -82,7 +82,7 @@ class LearnedGrids:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``learned_grids.safetensors`` + ``.json`` into ``directory`` (atomically)."""
-        tensors = {key: torch.from_numpy(rhos) for key, rhos in self.grids.items()}
+        tensors = {key: torch.tensor(rhos) for key, rhos in self.grids.items()}  # copies: grids may share arrays
         meta = dict(format=FORMAT, schedule_sha256=self.schedule, model_fingerprint=self.model, grids=self.info)
         return save_side_info(directory, GRIDS_FILE, tensors, meta)
 

@@ -35,6 +35,15 @@ def test_round_trip_and_set_timesteps_uses_the_grid(tmp_path):
     assert len(loaded.sigmas) == 7 and loaded.sigmas[1] > 20
 
 
+def test_solvers_may_share_one_grid_array(tmp_path):
+    grids = grids_for(DPMSolverPPScheduler())
+    shared = np.asarray(GRID)
+    grids.add("A", shared)
+    grids.add("B", shared)
+    grids.save(tmp_path)
+    assert LearnedGrids.load(tmp_path).get("B", 5) == pytest.approx(GRID)
+
+
 def test_grid_of_another_solver_is_not_used(tmp_path):
     scheduler = DPMSolverPPScheduler()
     grids_for(scheduler, "UniPCMultistepScheduler").save(tmp_path)
