@@ -2,10 +2,10 @@
 
 Baseline (the recipe of the official DiffusionDPO code / diffusers example, reimplemented here): every step encodes
 both images with the VAE and the prompts with the text encoder, and runs a separate frozen reference UNet next to
-the trained one. Ours: ``diffalign.alignment.trainer._Step`` with LoRA, the reference = the same UNet with adapters
-disabled (one UNet in memory), and latents / text embeddings read from the cache. Both train the same LoRA on a
-random-weight SD-like UNet at the same batch and resolution. Each variant runs in its own process, so peak memory
-(CUDA: ``max_memory_allocated``; CPU: peak RSS growth after the imports) is its own.
+the trained one. Ours: ``diffalign.alignment.step.PreferenceStep`` with LoRA, the reference = the same UNet with
+adapters disabled (one UNet in memory), and latents / text embeddings read from the cache. Both train the same LoRA
+on a random-weight SD-like UNet at the same batch and resolution. Each variant runs in its own process, so peak
+memory (CUDA: ``max_memory_allocated``; CPU: peak RSS growth after the imports) is its own.
 
     python scripts/bench_trainer.py                      # CPU, small SD-like models
     python scripts/bench_trainer.py --device cuda        # GPU, SD 1.5-sized models at 512 px, fp16
@@ -107,17 +107,16 @@ def run_variant(variant: str, args, queue) -> None:
         from accelerate import Accelerator
 
         from diffalign.alignment.config import TrainConfig
-        from diffalign.alignment.methods import get_method
+        from diffalign.alignment.methods import build_method
         from diffalign.alignment.models import Backbone
-        from diffalign.alignment.trainer import _Step
+        from diffalign.alignment.step import PreferenceStep
 
         with torch.no_grad():  # the cache: computed once, before training
+            latents = (vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor).float()  # (2B, ...)
             cached = {
-                "latents_w": (vae.encode(pixels[:B]).latent_dist.mode() * vae.config.scaling_factor).float(),
-                "latents_l": (vae.encode(pixels[B:]).latent_dist.mode() * vae.config.scaling_factor).float(),
+                "latents": latents.unflatten(0, (2, B)).transpose(0, 1),  # (B, K = 2, c, h, w), preferred first
                 "cond": {"encoder_hidden_states": text(ids)[0]},
-                "time_ids_w": torch.zeros(B, 6),
-                "time_ids_l": torch.zeros(B, 6),
+                "time_ids": torch.zeros(B, 2, 6),
                 "index": torch.arange(B),
             }
         del vae, text
@@ -132,7 +131,7 @@ def run_variant(variant: str, args, queue) -> None:
         pipe.unet = unet
         backbone = Backbone("sd", pipe, scheduler, 3, res)
         config = TrainConfig(beta=5000.0)
-        forward = _Step(config, get_method("dpo"), backbone, unet, None, accelerator, dtype)
+        forward = PreferenceStep(config, build_method(config), backbone, unet, None, accelerator, dtype)
         counter = iter(range(10**9))
 
         def step():

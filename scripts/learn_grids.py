@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from diffalign.pipelines.bench_targets import LEARNED_MODEL_RTOL, reference_for
-from diffalign.pipelines.benchmark import make_scheduler
-from diffalign.pipelines.dc_calibration import calibration_model
+from diffalign.evaluation.benchmark import make_scheduler
+from diffalign.evaluation.targets import LEARNED_MODEL_RTOL, reference_for
+from diffalign.models.loading import load_model
 from diffalign.samplers import DPMSolverPPScheduler, DPMSolverV3Scheduler
 from diffalign.samplers.gits import candidate_sigmas, gits_grid, local_error_costs, solve, teacher_trajectory
 from diffalign.samplers.ld3 import ld3_grid
@@ -99,8 +99,9 @@ def learn_model(
     """Learn, select, measure and (with ``ship``) save the grids of ``name``; with ``other_scale`` also measure
     the grids learned at ``guidance_scale`` at that other scale (overfitting to the guidance scale)."""
     torch.set_num_threads(1)
-    target = calibration_model(name)
-    model = target.model_for(guidance_scale)
+    target = load_model(name)
+    guided = target.with_guidance(guidance_scale)
+    model = lambda x, t: guided(x, t).to(x.dtype)  # noqa: E731
     config = target.scheduler_config
     schedule = NoiseScheduleVP.from_config(config)
     rho_T = float(schedule.rho(schedule.t_max))
@@ -178,7 +179,8 @@ def learn_model(
             log["rows"].append({"solver": label, "nfe": nfe, "default_test": err})
             print(f"  NFE {nfe:>2} {label:<36} test MSE {err:.3e}", flush=True)
     if other_scale is not None:
-        other = target.model_for(other_scale)
+        other_guided = target.with_guidance(other_scale)
+        other = lambda x, t: other_guided(x, t).to(x.dtype)  # noqa: E731
         x = data["test"][0]
         y = reference_for(other, config, rtol)(x.double(), rho_T).float()
         for row in [r for r in log["rows"] if "shipped" in r]:

@@ -1,21 +1,24 @@
 """``TrainConfig``: every option of ``diffalign train``, as one dataclass whose fields carry their help text.
 
 The command line is generated from the fields (TRL style): ``--name value`` for each field, grouped under
-"model", "data" and "training" in ``--help``. Booleans accept ``--flag`` (true), ``--flag false`` and
-``--flag true``. ``TrainConfig(...)`` validates itself, so the Python API and the CLI reject the same bad values.
+"model", "data" and "training" in ``--help``, then one group per preference method for its own options (the
+method's ``Options`` dataclass, which ``TrainConfig`` inherits). Booleans accept ``--flag`` (true), ``--flag
+false`` and ``--flag true``. ``TrainConfig(...)`` validates itself, so the Python API and the CLI reject the same
+bad values.
 """
 
 from dataclasses import dataclass
 from typing import Literal
 
 from ..options import option, parse_args, validate_choices
+from .methods import METHODS, DPOOptions, get_method, method_options
 
 EMBEDDED_MODEL = "digits-cond"
 
 
 @dataclass
-class TrainConfig:
-    """Options of one preference-training run (Diffusion-DPO and the methods that share its loop)."""
+class RunOptions:
+    """The options every preference method shares: model, data and training loop."""
 
     # model
     pretrained_model_name_or_path: str = option(
@@ -66,10 +69,15 @@ class TrainConfig:
         "the encoders",
         "data",
     )
+    image_root: str | None = option(
+        None,
+        "folder that image paths of the dataset may point into besides the dataset's own folder (absolute paths, "
+        "'..', path-only parquet entries are refused otherwise)",
+        "data",
+    )
     dataloader_num_workers: int = option(0, "data-loading worker processes", "data")
     # training
-    method: str = option("dpo", "preference method (see diffalign.alignment.methods.METHODS)", "training")
-    beta: float = option(5000.0, "KL strength beta of Diffusion-DPO (the paper's 5000 for SD 1.5 / SDXL)", "training")
+    method: str = option("dpo", f"preference method, one of {sorted(METHODS)} (options: its group)", "training")
     output_dir: str = option("diffalign-dpo", "where checkpoints and the trained weights go", "training")
     seed: int = option(0, "seed of data order, timesteps, noise and LoRA initialisation", "training")
     train_batch_size: int = option(4, "preference pairs per process per micro-step", "training")
@@ -100,6 +108,24 @@ class TrainConfig:
     tracker_project_name: str = option("diffalign", "project name given to the trackers", "training")
     cpu: bool = option(False, "train on CPU even when a GPU is present", "training")
     progress_bar: bool = option(True, "show a tqdm bar with the metrics", "training")
+    # evaluation (the numbers of `diffalign eval`, logged during training)
+    eval_steps: int = option(
+        0, "every N optimizer steps, score the policy against its base model on the eval prompts (0 = never)", "eval"
+    )
+    eval_prompts: str | None = option(
+        None, "text file with one prompt per line; default for digits-cond: the ten digit prompts", "eval"
+    )
+    eval_rewards: list[str] = option(("digits",), "reward models (diffalign.evaluation.rewards names)", "eval")
+    eval_num_seeds: int = option(4, "seeds per eval prompt", "eval")
+    eval_first_seed: int = option(1_000_000, "first eval seed (held out from training's seeds)", "eval")
+    eval_sampler: str | None = option(None, "eval sampler; default: as `diffalign eval`", "eval")
+    eval_nfe: int | None = option(None, "eval model evaluations per sample; default: as `diffalign eval`", "eval")
+    eval_guidance_scale: float | None = option(None, "eval guidance scale; default: as `diffalign eval`", "eval")
+
+
+@dataclass
+class TrainConfig(DPOOptions, RunOptions):
+    """Options of one preference-training run: the shared ones, then every registered method's own options."""
 
     def __post_init__(self):
         validate_choices(self)
@@ -107,14 +133,13 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("beta", "learning_rate"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
-        if self.checkpointing_steps < 0 or self.lr_warmup_steps < 0 or self.max_grad_norm < 0:
-            raise ValueError("checkpointing_steps, lr_warmup_steps and max_grad_norm must be >= 0.")
-        from .methods import get_method
-
-        get_method(self.method)
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.checkpointing_steps < 0 or self.lr_warmup_steps < 0 or self.max_grad_norm < 0 or self.eval_steps < 0:
+            raise ValueError("checkpointing_steps, lr_warmup_steps, max_grad_norm and eval_steps must be >= 0.")
+        if self.eval_steps and self.eval_num_seeds < 1:
+            raise ValueError(f"eval_num_seeds must be >= 1 with --eval_steps, got {self.eval_num_seeds}.")
+        method_options(get_method(self.method), self)  # the method's options validate themselves
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "diffalign train") -> TrainConfig:

@@ -1,9 +1,10 @@
-"""Preference losses over per-sample denoising errors: one pure function per method.
+"""Preference losses over denoising errors: one pure function per method, plus the reductions they share.
 
-Every function here takes the per-sample errors L_m(x) = ||eps - eps_m(x_t, c, t)||^2 (mean over pixels or latents)
-of the policy and of the reference on the preferred ("w") and rejected ("l") sample of each pair, computed at the
-same timestep and noise, and returns ``(loss, metrics)``. Nothing here touches a model, so each method's maths is
-testable on hand-made numbers.
+The trainer hands a method the unreduced per-element squared errors (model output - target)^2 of the policy and the
+reference, (B, K, c, h, w); a method reduces them (``candidate_errors``: the mean over elements, the L_m(x) =
+||eps - eps_m(x_t, c, t)||^2 of Diffusion-DPO; per segment or per patch for the dense methods) and passes them to
+its loss here, which returns ``(loss, metrics)``. Nothing here touches a model, so each method's maths is testable
+on hand-made numbers.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ import torch
 import torch.nn.functional as F
 
 
+def squared_errors(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Unreduced per-element squared errors in float32: (N, C, H, W) x 2 -> (N, C, H, W)."""
+    return (model_pred.float() - target.float()).pow(2)
+
+
 def denoising_errors(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample mean squared error in float32: (B, C, H, W) x 2 -> (B,)."""
-    return (model_pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return squared_errors(model_pred, target).flatten(1).mean(dim=1)
 
 
 def diffusion_dpo_loss(

@@ -1,47 +1,133 @@
-"""Preference methods as small objects: what batch each needs and which loss it applies.
+"""The method interface: what a preference method declares and what the trainer hands its loss.
 
 Every method runs in the same trainer loop (``trainer.py``) and differs in four choices (DESIGN.md, alignment): the
-candidates and target, the reference, the weighting and the link function. A method object names the batch layout
-it consumes and maps the per-sample denoising errors of the policy and the reference to a loss and metrics with a
-pure function from ``losses.py``. Adding D3PO, SmPO or RankDPO means adding one object here and one loss there.
+candidates and target, the reference, the weighting and the link function. A method is a ``PreferenceMethod``
+subclass that declares
+
+- ``name``: its ``--method`` name; ``Options``: a dataclass of its options, declared with ``diffalign.options.option``
+  under the method's own ``--help`` group (``TrainConfig`` inherits every registered method's options);
+- ``noise``: its noise and timestep provider, ``"shared"`` by the candidates of a prompt, ``"independent"`` per
+  candidate, or ``"inversion"`` of the clean candidate by the policy (``noise.py``; ``noise_provider`` binds
+  provider options such as the inversion steps);
+- ``needs_reference``: whether the trainer runs the reference model (no reference forward otherwise);
+- ``online``: whether the trainer calls ``rollout`` before the loss (``rollout.py``);
+- ``display``: the metric names the progress bar shows beside the loss;
+
+and implements ``loss(inputs: MethodInputs) -> (loss, metrics)``: the batch (K >= 2 candidates per prompt, stacked
+(B, K, ...), with the optional scores, weight maps and labels of ``layout_contract.md``), the timesteps and noise
+used and the *unreduced* per-element squared errors of the policy and the reference. The method reduces them (per
+candidate, per segment, per patch) with a pure function of ``losses.py``. The metrics dict (scalar tensors) is
+logged as it is. Adding a method = a loss in ``losses.py``, a class here, its name in ``METHODS``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
-from .losses import diffusion_dpo_loss
+from ..options import option
+from .losses import candidate_errors, diffusion_dpo_loss
+from .noise import PROVIDERS, NoiseRequest
+from .rollout import Rollout, RolloutRequest
+
+NoiseKind = Literal["shared", "independent", "inversion"]
 
 
-@dataclass(frozen=True)
-class DiffusionDPO:
-    """Diffusion-DPO (Wallace et al. 2023): offline pairs, frozen reference, uniform weights, -log sigmoid link.
+@dataclass
+class MethodInputs:
+    """What the trainer hands ``PreferenceMethod.loss`` for one micro-batch of B prompts with K candidates each."""
 
-    Batch layout ``"pairs"``: the trainer stacks the preferred samples first and the rejected ones second,
-    (2B, C, H, W), with one timestep and one noise per pair shared by both halves.
-    """
-
-    name: str = "dpo"
-    batch: str = "pairs"
-    needs_reference: bool = True
-
-    def loss(
-        self, policy_errors: torch.Tensor, reference_errors: torch.Tensor, config
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(2B,) policy and reference errors, winners first -> (loss, metrics)."""
-        policy_w, policy_l = policy_errors.chunk(2)  # (B,), (B,)
-        reference_w, reference_l = reference_errors.chunk(2)  # (B,), (B,)
-        return diffusion_dpo_loss(policy_w, policy_l, reference_w, reference_l, beta=config.beta)
+    batch: dict  # the preference batch (layout_contract.md), after --flip_labels and a rollout's scores
+    latents: torch.Tensor  # (B, K, c, h, w) clean candidates x_0 in the UNet's input space
+    timesteps: torch.Tensor  # (B, K)
+    noise: torch.Tensor  # (B, K, c, h, w)
+    policy_errors: torch.Tensor  # (B, K, c, h, w) (model output - target)^2 of the policy, float32, with gradient
+    reference_errors: torch.Tensor | None  # (B, K, c, h, w) of the reference; None unless needs_reference
+    rollout: Rollout | None = None  # what rollout() returned, for online methods
+    policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # the policy with gradient, as
+    # NoiseRequest.unet: (x (K B, c, h, w), t (K B,)) -> output, for losses that need more forwards (log-probs)
 
 
-METHODS = {"dpo": DiffusionDPO()}
+class PreferenceMethod:
+    """Base class of preference methods (see the module docstring for what a subclass declares)."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+    noise: ClassVar[NoiseKind] = "shared"
+    needs_reference: ClassVar[bool] = True
+    online: ClassVar[bool] = False
+    display: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options):
+        self.options = options
+
+    def noise_provider(self) -> Callable[[NoiseRequest], tuple[torch.Tensor, torch.Tensor]]:
+        """The provider ``noise`` names; a method overrides this to set provider options (e.g. inversion steps)."""
+        return PROVIDERS[self.noise]
+
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def rollout(self, request: RolloutRequest) -> Rollout:
+        """Online methods: sample the policy (contract in ``rollout.py``)."""
+        raise NotImplementedError(f"method {self.name!r} is not online; it has no rollout.")
+
+
+@dataclass
+class DPOOptions:
+    """Options of Diffusion-DPO."""
+
+    beta: float = option(
+        5000.0, "KL strength beta of Diffusion-DPO (the paper's 5000 for SD 1.5 / SDXL)", "method dpo (Diffusion-DPO)"
+    )
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}.")
+
+
+class DiffusionDPO(PreferenceMethod):
+    """Diffusion-DPO (Wallace et al. 2023): offline pairs (K = 2, candidate 0 preferred), frozen reference, one
+    timestep and noise shared by the pair, uniform weights, -log sigmoid link (``losses.diffusion_dpo_loss``)."""
+
+    name = "dpo"
+    Options = DPOOptions
+    noise = "shared"
+    needs_reference = True
+    display = ("implicit_accuracy",)
+
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if inputs.policy_errors.shape[1] != 2:
+            raise ValueError(
+                f"Diffusion-DPO trains on pairs (K = 2 candidates, the preferred first); this batch has K = "
+                f"{inputs.policy_errors.shape[1]}. Use a ranking method for K > 2."
+            )
+        policy_w, policy_l = candidate_errors(inputs.policy_errors).unbind(1)  # (B,), (B,)
+        reference_w, reference_l = candidate_errors(inputs.reference_errors).unbind(1)  # (B,), (B,)
+        return diffusion_dpo_loss(policy_w, policy_l, reference_w, reference_l, beta=self.options.beta)
+
+
+METHODS: dict[str, type[PreferenceMethod]] = {"dpo": DiffusionDPO}
 """Registered preference methods by their ``--method`` name."""
 
 
-def get_method(name: str):
-    """The method registered as ``name``; a ValueError lists the registered ones otherwise."""
+def get_method(name: str) -> type[PreferenceMethod]:
+    """The method class registered as ``name``; a ValueError lists the registered ones otherwise."""
     if name not in METHODS:
         raise ValueError(f"unknown preference method {name!r}; registered methods: {sorted(METHODS)}.")
     return METHODS[name]
+
+
+def method_options(method: type[PreferenceMethod], config) -> object:
+    """The method's ``Options`` read from the same-named fields of ``config`` (validated by its constructor)."""
+    return method.Options(**{f.name: getattr(config, f.name) for f in dataclasses.fields(method.Options)})
+
+
+def build_method(config) -> PreferenceMethod:
+    """The method object ``config.method`` names, with its options from ``config``."""
+    method = get_method(config.method)
+    return method(method_options(method, config))

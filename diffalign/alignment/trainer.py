@@ -1,17 +1,17 @@
 """One accelerate training loop shared by every preference method (Diffusion-DPO first).
 
-Per optimizer step: draw pairs, encode them (or read the latent cache), give each pair one timestep and one noise
-shared by its preferred and rejected sample, run the reference and the policy on the stacked batch (2B, winners
-first), turn their per-sample denoising errors into the method's loss, and step AdamW with gradient accumulation,
-clipping and an LR schedule. LoRA trains adapters on the UNet and uses the same UNet with its adapters disabled as
-the reference (one UNet in memory); full fine-tuning trains the UNet against a frozen copy.
+Per optimizer step: draw records (a prompt with K candidates), turn them into the method's loss (``step.py``: the
+noise provider, the reference and policy forwards, the method), and step AdamW with gradient accumulation, clipping
+and an LR schedule. LoRA trains adapters on the UNet and uses the same UNet with its adapters disabled as the
+reference (one UNet in memory); full fine-tuning trains the UNet against a frozen copy.
 
-Reproducibility: the data order is a seeded permutation per epoch, and each pair's timestep and noise are drawn
-from a generator seeded by (seed, epoch, pair index). So a run gives the same numbers on 1 or N processes at the
+Reproducibility: the data order is a permutation seeded by (seed, epoch), and each record's timestep and noise come
+from a generator seeded by (seed, epoch, record index). So a run gives the same numbers on 1 or N processes at the
 same global batch, and a resumed run continues the same loss curve.
 
-Checkpoints (``checkpoint-<step>``) are accelerate states written to a temporary folder and renamed into place; a
-non-finite loss stops the run before the optimizer step, naming the step and the last good checkpoint.
+Checkpoints (``checkpoint-<step>``, ``checkpoints.py``) are accelerate states written to a temporary folder and
+renamed into place, with the run's config; the history is appended to ``history.jsonl`` step by step. A non-finite
+loss stops the run before the optimizer step, naming the step and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -21,29 +21,27 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from .checkpoints import RESUME_KEYS, RunHistory, find_checkpoint, lora_hooks, read_checkpoint, save_checkpoint
 from .config import EMBEDDED_MODEL, TrainConfig
-from .data import ImageTransform, PreferencePairs, collate_pairs, load_source
-from .losses import denoising_errors
-from .methods import get_method
+from .data import collate_preferences, load_preferences
+from .eval_hook import TrainingEvaluator
+from .methods import PreferenceMethod, build_method, method_options
 from .models import DTYPES, Backbone, load_backbone
-
-LORA_CHECKPOINT_NAME = "unet_lora.safetensors"
-TRAINER_STATE_NAME = "trainer_state.json"
+from .step import PreferenceStep
 
 
 @dataclass
 class TrainResult:
-    """What ``train`` returns: the output folder, one metrics dict per optimizer step, skipped pairs, the UNet."""
+    """What ``train`` returns: the output folder, one metrics dict per optimizer step of this run (a resumed run:
+    the steps after its checkpoint), records skipped as unreadable, the UNet."""
 
     output_dir: Path
     history: list[dict[str, float]] = field(default_factory=list)
@@ -53,13 +51,15 @@ class TrainResult:
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation of ``range(n)`` seeded by (seed, epoch): the same on every process and after a resume."""
+    """A permutation of ``range(n)`` seeded by (seed, epoch): the same on every process and after a resume.
+
+    The trainer sets ``epoch`` before each pass. There is deliberately no ``set_epoch`` method: accelerate's prepared
+    loader calls ``set_epoch(its own iteration count)`` on the sampler each time it is iterated, and that count lags
+    behind the trainer's epoch after a ``skip_first_batches`` copy has served the first (or resumed) epoch.
+    """
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.n
@@ -69,31 +69,10 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
-def pair_timesteps_and_noise(
-    indices: torch.Tensor, epoch: int, seed: int, shape: tuple[int, ...], num_train_timesteps: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One timestep (B,) and one noise (B, *shape) per pair, from a generator seeded by (seed, epoch, index)."""
-    timesteps, noise = [], []
-    for index in indices.tolist():
-        state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint64)
-        generator = torch.Generator().manual_seed(int(state[0]) >> 1)
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
-        noise.append(torch.randn(shape, generator=generator))
-    return torch.cat(timesteps), torch.stack(noise)
-
-
-def find_checkpoint(output_dir: Path, which: str) -> Path | None:
-    """``which`` = 'latest' -> the highest ``checkpoint-<step>`` in ``output_dir`` (None if none); else a path."""
-    if which != "latest":
-        path = Path(which)
-        if not (path / TRAINER_STATE_NAME).is_file():
-            raise ValueError(
-                f"--resume_from_checkpoint {which}: no {TRAINER_STATE_NAME} there; pass 'latest' or a "
-                "checkpoint-<step> folder written by diffalign train."
-            )
-        return path
-    found = [p for p in output_dir.glob("checkpoint-*") if (p / TRAINER_STATE_NAME).is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+def epoch_batches(accelerator: Accelerator, loader, sampler: EpochShuffleSampler, epoch: int, skip: int):
+    """The prepared ``loader``'s batches of ``epoch`` in the order of (seed, epoch), the first ``skip`` left out."""
+    sampler.epoch = epoch
+    return accelerator.skip_first_batches(loader, skip) if skip else loader
 
 
 def _set_attention(unet, name: str) -> None:
@@ -109,7 +88,9 @@ def _set_attention(unet, name: str) -> None:
     set_attention_backend(unet, name)
 
 
-def _build_dataset(config: TrainConfig, backbone: Backbone, accelerator: Accelerator):
+def build_dataset(config: TrainConfig, backbone: Backbone, accelerator: Accelerator):
+    """The decoded records of ``--dataset`` (digits-cond without one: pairs of its own samples), or their latent
+    cache in ``--cache_dir`` (built first if needed)."""
     dataset_path = config.dataset
     if dataset_path is None:
         if config.pretrained_model_name_or_path != EMBEDDED_MODEL:
@@ -124,112 +105,33 @@ def _build_dataset(config: TrainConfig, backbone: Backbone, accelerator: Acceler
             make_digits_pairs(dataset_path, backbone.pipeline, seed=config.seed)
         accelerator.wait_for_everyone()
     resolution = config.resolution or backbone.resolution
-    source = load_source(dataset_path, config.dataset_split, config.jsonl_name)
-    pairs = PreferencePairs(source, ImageTransform(resolution, backbone.image_channels), config.max_train_samples)
+    records = load_preferences(
+        dataset_path,
+        resolution,
+        backbone.image_channels,
+        split=config.dataset_split,
+        jsonl_name=config.jsonl_name,
+        image_root=config.image_root,
+        max_samples=config.max_train_samples,
+    )
     if config.cache_dir is None:
-        return pairs
-    from .cache import CachedPairs, build_cache
+        return records
+    from .cache import CachedPreferences, build_cache
 
-    meta = dict(model=config.pretrained_model_name_or_path, dataset=dataset_path, resolution=resolution)
-    build_cache(pairs, backbone, config.cache_dir, meta, accelerator)
-    return CachedPairs(config.cache_dir)
-
-
-class _Step:
-    """The forward half of a training step: batch -> (loss, metrics) for a method, on one accelerator."""
-
-    def __init__(self, config, method, backbone, unet, reference, accelerator, weight_dtype):
-        self.config, self.method, self.backbone, self.unet = config, method, backbone, unet
-        self.reference, self.accelerator, self.weight_dtype = reference, accelerator, weight_dtype
-
-    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor, torch.Tensor]:
-        device, backbone = self.accelerator.device, self.backbone
-        if "latents_w" in batch:  # from the cache
-            latents_w, latents_l, cond = batch["latents_w"], batch["latents_l"], batch["cond"]
-        else:
-            latents_w = backbone.encode_images(batch["pixels_w"].to(device))
-            latents_l = backbone.encode_images(batch["pixels_l"].to(device))
-            cond = backbone.encode_prompts(batch["prompt"], device)
-        time_ids_w, time_ids_l = batch["time_ids_w"], batch["time_ids_l"]
-        if self.config.flip_labels:
-            latents_w, latents_l, time_ids_w, time_ids_l = latents_l, latents_w, time_ids_l, time_ids_w
-        cond = {k: v.to(device) for k, v in cond.items()}
-        return latents_w.to(device).float(), latents_l.to(device).float(), cond, time_ids_w, time_ids_l
-
-    def __call__(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        device, backbone = self.accelerator.device, self.backbone
-        latents_w, latents_l, cond, time_ids_w, time_ids_l = self.inputs(batch)  # (B, c, h, w) each
-        num_train_timesteps = backbone.noise_scheduler.config.num_train_timesteps
-        timesteps, noise = pair_timesteps_and_noise(
-            batch["index"], epoch, self.config.seed, tuple(latents_w.shape[1:]), num_train_timesteps
-        )
-        timesteps, noise = timesteps.to(device).repeat(2), noise.to(device).repeat(2, 1, 1, 1)  # shared by w and l
-        latents = torch.cat([latents_w, latents_l])  # (2B, c, h, w) winners first
-        noisy = backbone.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = backbone.target(latents, noise, timesteps)
-        cond = {k: torch.cat([v, v]) for k, v in cond.items()}
-        time_ids = torch.cat([time_ids_w, time_ids_l]).to(device)  # (2B, 6)
-        kwargs = backbone.unet_kwargs(cond, time_ids, self.weight_dtype)
-        with torch.no_grad(), self.accelerator.autocast():
-            if self.reference is None:  # LoRA: the reference is the same UNet with its adapters disabled
-                base = self.accelerator.unwrap_model(self.unet)
-                base.disable_adapters()
-                reference_pred = base(noisy.to(self.weight_dtype), timesteps, **kwargs).sample
-                base.enable_adapters()
-            else:
-                reference_pred = self.reference(noisy.to(self.weight_dtype), timesteps, **kwargs).sample
-        with self.accelerator.autocast():
-            policy_pred = self.unet(noisy, timesteps, **kwargs).sample  # (2B, c, h, w)
-        policy_errors = denoising_errors(policy_pred, target)  # (2B,)
-        reference_errors = denoising_errors(reference_pred, target)  # (2B,)
-        return self.method.loss(policy_errors, reference_errors, self.config)
+    meta = dict(
+        model=config.pretrained_model_name_or_path,
+        revision=config.revision,
+        variant=config.variant,
+        resolution=resolution,
+        vae_dtype=config.vae_dtype,
+        dataset=dataset_path,
+        max_samples=config.max_train_samples,
+    )
+    build_cache(records, backbone, config.cache_dir, meta, accelerator)
+    return CachedPreferences(config.cache_dir)
 
 
-def _lora_hooks(accelerator: Accelerator) -> None:
-    """Checkpoint only the LoRA weights (safetensors) instead of the whole UNet."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            state = get_peft_model_state_dict(accelerator.unwrap_model(models[0]))
-            save_file(
-                {k: v.detach().contiguous() for k, v in state.items()}, os.path.join(output_dir, LORA_CHECKPOINT_NAME)
-            )
-        weights.clear()
-
-    def load_hook(models, input_dir):
-        unet = accelerator.unwrap_model(models.pop())
-        result = set_peft_model_state_dict(unet, load_file(os.path.join(input_dir, LORA_CHECKPOINT_NAME)))
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"checkpoint {input_dir} has LoRA keys this UNet lacks: {result.unexpected_keys[:5]}")
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, limit: int | None) -> Path:
-    """accelerate ``save_state`` into ``.checkpoint-<step>.tmp``, then rename it to ``checkpoint-<step>``."""
-    final, temporary = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (temporary / TRAINER_STATE_NAME).write_text(json.dumps({"global_step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        if limit is not None:
-            done = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            for old in done[: max(0, len(done) - limit)]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _save_final(config: TrainConfig, backbone: Backbone, unet, output_dir: Path) -> None:
+def save_final(config: TrainConfig, backbone: Backbone, unet, output_dir: Path) -> None:
     """LoRA: ``pytorch_lora_weights.safetensors`` (peft keys + adapter config, read by ``pipe.load_lora_weights``
     and ``unet.load_lora_adapter``); full fine-tuning: the whole pipeline with the trained UNet."""
     if config.finetune == "lora":
@@ -249,8 +151,8 @@ def _save_final(config: TrainConfig, backbone: Backbone, unet, output_dir: Path)
         backbone.pipeline.save_pretrained(str(output_dir), safe_serialization=True)
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Run preference training as ``config`` says; return the per-step metrics. Collective on every process."""
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The run's accelerator (accumulation, mixed precision, trackers); the main process creates the output folder."""
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -262,11 +164,11 @@ def train(config: TrainConfig) -> TrainResult:
     )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    method = get_method(config.method)
-    set_seed(config.seed)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return accelerator
 
-    backbone = load_backbone(config.pretrained_model_name_or_path, config.revision, config.variant)
+
+def prepare_models(config: TrainConfig, backbone: Backbone, accelerator: Accelerator, weight_dtype: torch.dtype):
+    """Freeze the encoders, set up the trainable UNet (LoRA adapters or all weights) -> (unet, reference or None)."""
     for name, module in backbone.frozen_modules().items():
         dtype = weight_dtype
         if name == "vae" and config.vae_dtype != "auto":
@@ -298,114 +200,210 @@ def train(config: TrainConfig) -> TrainResult:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    return unet, reference
 
-    dataset = _build_dataset(config, backbone, accelerator)
+
+def make_loader(config: TrainConfig, dataset) -> tuple[torch.utils.data.DataLoader, EpochShuffleSampler]:
+    """Full batches of ``--train_batch_size`` records in the (seed, epoch) order of an ``EpochShuffleSampler``."""
     sampler = EpochShuffleSampler(len(dataset), config.seed)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.train_batch_size,
         sampler=sampler,
-        collate_fn=collate_pairs,
+        collate_fn=collate_preferences,
         num_workers=config.dataloader_num_workers,
         drop_last=True,
     )
     if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} pairs is fewer than --train_batch_size {config.train_batch_size}.")
+        raise ValueError(f"{len(dataset)} records is fewer than --train_batch_size {config.train_batch_size}.")
+    return loader, sampler
+
+
+def make_optimizer(config: TrainConfig, unet, num_processes: int):
+    """AdamW over the trainable parameters and the LR schedule -> (optimizer, lr_scheduler)."""
+    from diffusers.optimization import get_scheduler
+
     learning_rate = config.learning_rate
     if config.scale_lr:
-        learning_rate *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    parameters = [p for p in unet.parameters() if p.requires_grad]
+        learning_rate *= config.train_batch_size * config.gradient_accumulation_steps * num_processes
     optimizer = torch.optim.AdamW(
-        parameters,
+        [p for p in unet.parameters() if p.requires_grad],
         lr=learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
     )
-    from diffusers.optimization import get_scheduler
-
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.max_train_steps * accelerator.num_processes,
+        num_warmup_steps=config.lr_warmup_steps * num_processes,
+        num_training_steps=config.max_train_steps * num_processes,
     )
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    if config.finetune == "lora":
-        _lora_hooks(accelerator)
+    return optimizer, lr_scheduler
 
-    global_step = 0
-    checkpoint = None
-    if config.resume_from_checkpoint is not None:
-        checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint)
-        if checkpoint is None:
-            accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
-        else:
-            accelerator.load_state(str(checkpoint))
-            global_step = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["global_step"]
-            accelerator.print(f"resumed from {checkpoint} at step {global_step}")
-    if accelerator.is_main_process and config.report_to != "none":
-        accelerator.init_trackers(config.tracker_project_name, config=dataclasses.asdict(config))
 
-    step = _Step(config, method, backbone, unet, reference, accelerator, weight_dtype)
-    result = TrainResult(output_dir, global_step=global_step)
-    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)  # accelerate syncs at epoch end
-    first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
-    skip_batches = steps_into_epoch * config.gradient_accumulation_steps
-    num_epochs = math.ceil(config.max_train_steps / steps_per_epoch)
+@dataclass
+class Run:
+    """What the loop functions share: set up once by ``train``."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    method: PreferenceMethod
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    loader: torch.utils.data.DataLoader
+    sampler: EpochShuffleSampler
+    step: PreferenceStep
+    result: TrainResult
+    history: RunHistory
+    run_config: dict = field(default_factory=dict)  # what checkpoints record and a resume must match
+    resume_keys: tuple[str, ...] = ()
+    evaluator: TrainingEvaluator | None = None  # --eval_steps, main process only
+
+    @property
+    def output_dir(self) -> Path:
+        return self.result.output_dir
+
+
+def resume(run: Run) -> int:
+    """Load the checkpoint ``--resume_from_checkpoint`` names (after checking its config) -> its global step."""
+    config, accelerator = run.config, run.accelerator
+    if config.resume_from_checkpoint is None:
+        return 0
+    checkpoint = find_checkpoint(run.output_dir, config.resume_from_checkpoint)
+    if checkpoint is None:
+        accelerator.print(f"no checkpoint in {run.output_dir}; starting a new run")
+        return 0
+    global_step, note = read_checkpoint(checkpoint, run.run_config, run.resume_keys)
+    accelerator.load_state(str(checkpoint))
+    accelerator.print(f"resumed from {checkpoint} at step {global_step}" + (f"; {note}" if note else ""))
+    return global_step
+
+
+def optimizer_micro_step(run: Run, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
+    """Forward, stop on a non-finite loss (any process), backward, clip, and step (accelerate applies the optimizer
+    step only at the end of an accumulation cycle) -> (detached loss, metrics)."""
+    config, accelerator = run.config, run.accelerator
+    with accelerator.accumulate(run.unet):
+        loss, metrics = run.step(batch, epoch)
+        if accelerator.gather(torch.isfinite(loss.detach()).logical_not().float().reshape(1)).sum() > 0:
+            accelerator.end_training()
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at step {run.result.global_step + 1}; stopped before the optimizer "
+                f"step. Last good checkpoint: {find_checkpoint(run.output_dir, 'latest') or 'none'}. Try a "
+                "smaller --learning_rate or --beta, or --mixed_precision bf16 / no."
+            )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.unet.parameters(), config.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), metrics
+
+
+def end_step(run: Run, sums: dict[str, torch.Tensor], bar) -> None:
+    """After an optimizer step: average the metrics over processes, log and append them, checkpoint when due."""
+    accelerator, config, result = run.accelerator, run.config, run.result
+    result.global_step += 1
+    logs = {key: accelerator.reduce(value.reshape(1), "mean").item() for key, value in sums.items()}
+    logs["skipped"] = int(logs["skipped"] * accelerator.num_processes * config.gradient_accumulation_steps + 0.5)
+    logs["lr"] = run.lr_scheduler.get_last_lr()[0]
+    if config.eval_steps and result.global_step % config.eval_steps == 0:
+        logs.update(evaluation(run))
+    result.history.append({"step": result.global_step, **logs})
+    result.skipped_pairs += logs["skipped"]
+    if accelerator.is_main_process:
+        run.history.append(result.history[-1])
+    accelerator.log(logs, step=result.global_step)
+    bar.update(1)
+    bar.set_postfix({key: f"{logs[key]:.4g}" for key in ("loss", *run.method.display) if key in logs})
+    if config.checkpointing_steps and result.global_step % config.checkpointing_steps == 0:
+        save_checkpoint(
+            accelerator, run.output_dir, result.global_step, config.checkpoints_total_limit, run.run_config
+        )
+
+
+def evaluation(run: Run) -> dict[str, float]:
+    """``--eval_steps``: the policy scored against its base on the main process (the others wait) -> metrics."""
+    accelerator = run.accelerator
+    metrics = run.evaluator(accelerator.unwrap_model(run.unet)) if run.evaluator is not None else {}
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def train_loop(run: Run) -> None:
+    """Epochs of micro-steps from ``run.result.global_step`` (skipping what a resumed epoch already saw)."""
+    config, accelerator, result = run.config, run.accelerator, run.result
+    steps_per_epoch = math.ceil(len(run.loader) / config.gradient_accumulation_steps)  # accelerate syncs at epoch end
+    first_epoch, steps_into_epoch = divmod(result.global_step, steps_per_epoch)
+    skip = steps_into_epoch * config.gradient_accumulation_steps
     bar = tqdm(
         total=config.max_train_steps,
-        initial=global_step,
-        desc=f"{method.name} steps",
+        initial=result.global_step,
+        desc=f"{run.method.name} steps",
         disable=not (config.progress_bar and accelerator.is_local_main_process),
     )
     sums: dict[str, torch.Tensor] = {}
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= config.max_train_steps:
+    for epoch in range(first_epoch, math.ceil(config.max_train_steps / steps_per_epoch)):
+        for batch in epoch_batches(accelerator, run.loader, run.sampler, epoch, skip if epoch == first_epoch else 0):
+            loss, metrics = optimizer_micro_step(run, batch, epoch)
+            for key, value in {"loss": loss, **metrics, "skipped": batch["skipped"]}.items():
+                value = torch.as_tensor(value, dtype=torch.float32, device=loss.device)
+                sums[key] = sums.get(key, 0.0) + value / config.gradient_accumulation_steps
+            if accelerator.sync_gradients:
+                end_step(run, sums, bar)
+                sums = {}
+                if result.global_step >= config.max_train_steps:
+                    break
+        if result.global_step >= config.max_train_steps:
             break
-        sampler.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch else loader
-        for batch in batches:
-            with accelerator.accumulate(unet):
-                loss, metrics = step(batch, epoch)
-                if accelerator.gather(torch.isfinite(loss.detach()).logical_not().float().reshape(1)).sum() > 0:
-                    accelerator.end_training()
-                    raise FloatingPointError(
-                        f"non-finite loss ({loss.item()}) at step {global_step + 1}; stopped before the optimizer "
-                        f"step. Last good checkpoint: {find_checkpoint(output_dir, 'latest') or 'none'}. Try a "
-                        "smaller --learning_rate or --beta, or --mixed_precision bf16 / no."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            for key, value in {"loss": loss.detach(), **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + value.float() / config.gradient_accumulation_steps
-            result.skipped_pairs += int(accelerator.gather(torch.tensor([batch["skipped"]], device=loss.device)).sum())
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            logs = {key: accelerator.reduce(value.reshape(1), "mean").item() for key, value in sums.items()}
-            logs["lr"] = lr_scheduler.get_last_lr()[0]
-            sums = {}
-            result.history.append({"step": global_step, **logs})
-            accelerator.log(logs, step=global_step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_accuracy']:.2f}")
-            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                _save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit)
-            if global_step >= config.max_train_steps:
-                break
     bar.close()
-    result.global_step, result.unet = global_step, accelerator.unwrap_model(unet)
+
+
+def finish(run: Run, backbone: Backbone) -> None:
+    """Save the trained weights and the summary (config, whole history, skipped records) on the main process."""
+    accelerator, result = run.accelerator, run.result
+    result.unet = accelerator.unwrap_model(run.unet)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_final(config, backbone, accelerator.unwrap_model(unet), output_dir)
-        summary = dict(config=dataclasses.asdict(config), history=result.history, skipped_pairs=result.skipped_pairs)
-        (output_dir / "diffalign_train.json").write_text(json.dumps(summary, indent=2))
-        if result.skipped_pairs:
-            print(f"skipped {result.skipped_pairs} pair reads with missing or corrupt images")
+        save_final(run.config, backbone, result.unet, run.output_dir)
+        history = run.history.read()
+        skipped = sum(line.get("skipped", 0) for line in history)
+        summary = dict(config=run.run_config, history=history, skipped_records=skipped)
+        (run.output_dir / "diffalign_train.json").write_text(json.dumps(summary, indent=2))
+        if skipped:
+            print(f"skipped {skipped} record reads with missing or corrupt images")
     accelerator.end_training()
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run preference training as ``config`` says; return the per-step metrics. Collective on every process."""
+    accelerator = make_accelerator(config)
+    method = build_method(config)
+    set_seed(config.seed)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    backbone = load_backbone(config.pretrained_model_name_or_path, config.revision, config.variant)
+    unet, reference = prepare_models(config, backbone, accelerator, weight_dtype)
+    loader, sampler = make_loader(config, build_dataset(config, backbone, accelerator))
+    optimizer, lr_scheduler = make_optimizer(config, unet, accelerator.num_processes)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    if config.finetune == "lora":
+        lora_hooks(accelerator)
+    step = PreferenceStep(config, method, backbone, unet, reference, accelerator, weight_dtype)
+    result = TrainResult(Path(config.output_dir))
+    history = RunHistory(result.output_dir)
+    run = Run(config, accelerator, method, unet, optimizer, lr_scheduler, loader, sampler, step, result, history)
+    run.run_config = dict(dataclasses.asdict(config), num_processes=accelerator.num_processes)
+    run.resume_keys = RESUME_KEYS + tuple(dataclasses.asdict(method_options(type(method), config)))
+    if config.eval_steps and accelerator.is_main_process:
+        run.evaluator = TrainingEvaluator(config, backbone, reference, accelerator.device)
+    result.global_step = resume(run)
+    if accelerator.is_main_process:
+        run.history.start(result.global_step)
+        if config.report_to != "none":
+            accelerator.init_trackers(config.tracker_project_name, config=dataclasses.asdict(config))
+    train_loop(run)
+    finish(run, backbone)
     return result

@@ -56,4 +56,4 @@ def test_shape_mismatch_and_unknown_method_are_clear_errors():
         diffusion_dpo_loss(torch.zeros(4), torch.zeros(4), torch.zeros(4, 2), torch.zeros(4), beta=1.0)
     with pytest.raises(ValueError, match="registered methods"):
         get_method("ppo")
-    assert METHODS["dpo"].batch == "pairs" and METHODS["dpo"].needs_reference
+    assert METHODS["dpo"].noise == "shared" and METHODS["dpo"].needs_reference

@@ -11,7 +11,7 @@ from diffalign.alignment import trainer as trainer_module
 from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.digits_pairs import evaluate_digits, make_digits_pairs
 from diffalign.alignment.trainer import train
-from diffalign.pipelines.digits import load_digits_pipeline
+from diffalign.models.digits import load_digits_pipeline
 
 LORA_TARGETS = "to_v,to_out.0,conv1,conv2"
 
@@ -60,30 +60,40 @@ def test_larger_beta_drifts_less_from_the_reference(tmp_path, pairs_dir):
     assert drift[10000.0] < drift[100.0] / 3  # measured 12x less at 40 steps, batch 16
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path, pairs_dir):
-    common = dict(gradient_accumulation_steps=2, checkpointing_steps=3)
-    full = train(config(tmp_path, pairs_dir, "full", max_train_steps=6, **common)).history
-    train(config(tmp_path, pairs_dir, "resumed", max_train_steps=3, **common))
-    assert (tmp_path / "resumed" / "checkpoint-3" / "trainer_state.json").is_file()
+def test_resume_in_epoch_1_continues_the_same_loss_curve(tmp_path, pairs_dir):
+    """32 pairs, 4 steps per epoch: stopped at step 5 (in epoch 1) and resumed, the curve is the uninterrupted one."""
+    common = dict(max_train_samples=32, train_batch_size=4, gradient_accumulation_steps=2, checkpointing_steps=5)
+    full = train(config(tmp_path, pairs_dir, "full", max_train_steps=10, **common)).history
+    train(config(tmp_path, pairs_dir, "resumed", max_train_steps=5, **common))
+    assert (tmp_path / "resumed" / "checkpoint-5" / "trainer_state.json").is_file()
     resumed = train(
-        config(tmp_path, pairs_dir, "resumed", max_train_steps=6, resume_from_checkpoint="latest", **common)
+        config(tmp_path, pairs_dir, "resumed", max_train_steps=10, resume_from_checkpoint="latest", **common)
     ).history
-    assert [h["step"] for h in resumed] == [4, 5, 6]
-    for a, b in zip(full[3:], resumed, strict=True):
+    assert [h["step"] for h in resumed] == [6, 7, 8, 9, 10]
+    for a, b in zip(full[5:], resumed, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
     assert not list((tmp_path / "resumed").glob(".checkpoint-*"))  # no temporary folders left
+    # one history across the interruption: history.jsonl and the summary hold steps 1-10
+    lines = [json.loads(line) for line in (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "resumed" / "diffalign_train.json").read_text())
+    assert [h["step"] for h in lines] == [h["step"] for h in summary["history"]] == list(range(1, 11))
+    assert [h["loss"] for h in lines] == pytest.approx([h["loss"] for h in full], abs=1e-6)
+    # a resume that would skip other batches is refused, naming what differs
+    other = dict(common, train_batch_size=8, resume_from_checkpoint="latest")
+    with pytest.raises(ValueError, match=r"train_batch_size: 4 -> 8\)"):
+        train(config(tmp_path, pairs_dir, "resumed", max_train_steps=12, **other))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pairs_dir, monkeypatch):
     calls = {"n": 0}
-    original = trainer_module._Step.__call__
+    original = trainer_module.PreferenceStep.__call__
 
     def poisoned(self, batch, epoch):
         loss, metrics = original(self, batch, epoch)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 3 else loss), metrics
 
-    monkeypatch.setattr(trainer_module._Step, "__call__", poisoned)
+    monkeypatch.setattr(trainer_module.PreferenceStep, "__call__", poisoned)
     with pytest.raises(FloatingPointError, match="at step 3.*checkpoint-2"):
         train(config(tmp_path, pairs_dir, "nan", max_train_steps=5, checkpointing_steps=1))
     assert json.loads((tmp_path / "nan" / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
@@ -118,7 +128,7 @@ def test_corrupt_images_are_skipped_and_all_corrupt_is_an_error(tmp_path, pairs_
 
     for i in range(16):
         (tmp_path / f"images/{i}_rejected.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(ValueError, match="none of the 16 preference pairs has two readable images"):
+    with pytest.raises(ValueError, match="none of the 16 preference records has readable images"):
         train(config(tmp_path, tmp_path, "all_bad", max_train_steps=1))
 
 

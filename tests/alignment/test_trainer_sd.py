@@ -11,11 +11,10 @@ import torch
 from PIL import Image
 
 from diffalign.alignment.config import TrainConfig
-from diffalign.alignment.data import PickAPicSource, load_source
 from diffalign.alignment.trainer import train
 
 _spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "pipelines" / "tiny_pipelines.py"
+    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
 )
 tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tiny)
@@ -50,21 +49,6 @@ def sdxl_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sdxl")
     tiny.make_sdxl_pipeline(tmp)
     return tmp / "sdxl"
-
-
-def test_pickapic_parquet_drops_ties_and_puts_the_winner_first(tmp_path):
-    source = load_source(str(write_pickapic(tmp_path / "data.parquet")))
-    assert isinstance(source, PickAPicSource) and len(source) == 4 and source.num_ties == 2
-    caption, winner, _ = source[0]  # row 0: label_0 = 0 -> jpg_1 wins
-    assert caption == "a photo of thing 0"
-    assert np.array_equal(np.asarray(winner), np.asarray(Image.open(io.BytesIO(png_bytes(1, (80, 72))))))
-    caption, winner, _ = source[1]  # row 1: label_0 = 1 -> jpg_0 wins
-    assert np.array_equal(np.asarray(winner), np.asarray(Image.open(io.BytesIO(png_bytes(2, (80, 72))))))
-
-
-def test_missing_columns_are_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match=r"lacks the Pick-a-Pic column\(s\) \['jpg_1', 'label_1'\]"):
-        load_source(str(write_pickapic(tmp_path / "bad.parquet", drop=("jpg_1", "label_1"))))
 
 
 def test_one_sdxl_step_from_parquet_and_the_lora_loads_into_the_pipeline(tmp_path, sdxl_dir):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffalign.pipelines.gmm import GaussianMixture
+from diffalign.models.gmm import GaussianMixture
 from diffalign.samplers.schedule import NoiseScheduleVP
 
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
