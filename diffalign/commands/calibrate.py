@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..evaluation.calibration import CalibrateConfig, run_calibration
+from ..evaluation.grids import learn_grids
 
 NAME = "calibrate"
 HELP = "DC-Solver: calibrate compensation ratios (and CPR coefficients) on a few datapoints"
@@ -16,6 +17,13 @@ CONFIG = CalibrateConfig
 
 
 def run(config: CalibrateConfig) -> int:
+    if config.grid != "dc":
+        scale = config.guidance_scale[0] if config.model == "digits-cond" else None
+        grids = learn_grids(config.model, config.solver, config.grid, config.nfe, scale, config.out, config.seed)
+        for key, rhos in sorted(grids.grids.items()):
+            print(f"  {key}: " + " ".join(f"{r:.4g}" for r in rhos))
+        print(f"wrote {config.out}")
+        return 0
     scheduler = run_calibration(config)
     print(f"DC-Solver ratios for {config.model} ({scheduler.config.model_fingerprint}):")
     for (nfe, g), ratios in sorted(scheduler.ratio_table.items()):

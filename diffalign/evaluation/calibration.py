@@ -19,11 +19,12 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from ..models.loading import DEFAULT_GUIDANCE, EMBEDDED, ModelSpec, load_model
-from ..options import option
+from ..options import option, validate_choices
 from ..samplers import DCSolverScheduler, DPMSolverV3Scheduler, calibrate_dc, compute_ems, keep_model_keys
 from ..samplers.dc_calibrate import fit_cpr_coefficients
 from ..samplers.ems import EMS_FILE
@@ -112,9 +113,12 @@ class CalibrateConfig:
     num_iters: int = option(_default(calibrate_dc, "num_iters"), "Adam iterations per step")
     lr: float = option(_default(calibrate_dc, "lr"), "Adam learning rate")
     cpr_preview: list[int] | None = option(None, "also print the CPR ratios for these NFE values")
+    grid: Literal["dc", "gits", "ld3"] = option("dc", "what to calibrate: DC-Solver ratios, or a GITS / LD3 time grid")
+    solver: str = option("dpm_solver_v3", "--grid only: the scheduler the grid is for (ours or a diffusers class)")
     out: str = option("dc_calibration", "output folder")
 
     def __post_init__(self):
+        validate_choices(self)
         if min(self.nfe) < 1:
             raise ValueError(f"--nfe must be >= 1, got {self.nfe}")
         self.overrides()  # a malformed --options fails here, before any work

@@ -10,6 +10,9 @@ from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPPScheduler
 from .dpm_solver_v3 import DPMSolverV3Scheduler
 from .ems import EmpiricalModelStatistics, compute_ems
+from .gits import gits_grid
+from .ld3 import ld3_grid
+from .learned_grid import LearnedGrids, pipeline_grid_kwargs, set_grid
 from .registry import SCHEDULERS, get_scheduler_class, swap_scheduler
 from .schedule import NoiseScheduleVP, time_grid
 
@@ -25,6 +28,11 @@ __all__ = [
     "DPMSolverV3Scheduler",
     "EmpiricalModelStatistics",
     "compute_ems",
+    "LearnedGrids",
+    "gits_grid",
+    "ld3_grid",
+    "pipeline_grid_kwargs",
+    "set_grid",
     "NoiseScheduleVP",
     "SCHEDULERS",
     "get_scheduler_class",

@@ -15,12 +15,13 @@ import torch
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
 from .config import FINAL_SIGMAS_TYPES, PREDICTION_TYPES, keep_model_keys
+from .learned_grid import LearnedGridMixin
 from .schedule import INTEGER_SPACINGS, SPACINGS, NoiseScheduleVP, alpha_sigma_from_rho, clipped_t_max, time_grid
 
 COMPATIBLES = [e.name for e in KarrasDiffusionSchedulers]
 
 
-class VPScheduler(SchedulerMixin):
+class VPScheduler(LearnedGridMixin, SchedulerMixin):
     """Base class: a diffusers scheduler over a VP schedule whose ``step`` calls ``_solver_step``.
 
     Grid state after ``set_timesteps(n)`` (``n`` = number of model evaluations = NFE):
@@ -130,13 +131,16 @@ class VPScheduler(SchedulerMixin):
 
         ``timesteps``: n decreasing model times in training-timestep units; the solve then ends per
         ``final_sigmas_type``. ``sigmas``: n + 1 decreasing diffusers sigmas (``sigma_t / alpha_t``), the last one
-        the end point (0 allowed). ``mu`` (dynamic shifting) is not supported by VP schedules.
+        the end point (0 allowed). ``mu`` (dynamic shifting) is not supported by VP schedules. A learned grid for
+        ``num_inference_steps`` (``load_learned_grids``, see ``learned_grid.py``) replaces the configured spacing.
         """
         if mu is not None:
             raise ValueError("mu (dynamic shifting) applies to flow-matching schedules only; do not pass it.")
         given = sum(x is not None for x in (num_inference_steps, timesteps, sigmas))
         if given != 1:
             raise ValueError("Pass exactly one of num_inference_steps, timesteps or sigmas to set_timesteps.")
+        if num_inference_steps is not None and self.learned_sigmas(int(num_inference_steps)) is not None:
+            num_inference_steps, sigmas = None, self.learned_sigmas(int(num_inference_steps))  # learned_grid.py
         schedule = self.noise_schedule
         if sigmas is not None:
             rhos = np.asarray(sigmas, dtype=np.float64).reshape(-1)
