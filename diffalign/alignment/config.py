@@ -12,6 +12,7 @@ from typing import Literal
 
 from ..options import option, parse_args, validate_choices
 from .methods import METHODS, DPOOptions, get_method, method_options
+from .rollout import RolloutOptions
 
 EMBEDDED_MODEL = "digits-cond"
 
@@ -111,11 +112,12 @@ class RunOptions:
 
 
 @dataclass
-class TrainConfig(DPOOptions, RunOptions):
+class TrainConfig(DPOOptions, RolloutOptions, RunOptions):
     """Options of one preference-training run: the shared ones, then every registered method's own options."""
 
     def __post_init__(self):
         validate_choices(self)
+        RolloutOptions.__post_init__(self)
         positive = ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps")
         for name in positive:
             if getattr(self, name) < 1:

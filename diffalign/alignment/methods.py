@@ -11,6 +11,8 @@ subclass that declares
   provider options such as the inversion steps);
 - ``needs_reference``: whether the trainer runs the reference model (no reference forward otherwise);
 - ``online``: whether the trainer calls ``rollout`` before the loss (``rollout.py``);
+- ``needs_errors``: whether the trainer noises the candidates and computes the denoising errors (D3PO trains on
+  step log-probabilities instead and sets it False);
 - ``display``: the metric names the progress bar shows beside the loss;
 
 and implements ``loss(inputs: MethodInputs) -> (loss, metrics)``: the batch (K >= 2 candidates per prompt, stacked
@@ -43,13 +45,19 @@ class MethodInputs:
 
     batch: dict  # the preference batch (layout_contract.md), after --flip_labels and a rollout's scores
     latents: torch.Tensor  # (B, K, c, h, w) clean candidates x_0 in the UNet's input space
-    timesteps: torch.Tensor  # (B, K)
-    noise: torch.Tensor  # (B, K, c, h, w)
-    policy_errors: torch.Tensor  # (B, K, c, h, w) (model output - target)^2 of the policy, float32, with gradient
+    timesteps: torch.Tensor | None  # (B, K); None unless needs_errors
+    noise: torch.Tensor | None  # (B, K, c, h, w); None unless needs_errors
+    policy_errors: torch.Tensor | None  # (B, K, c, h, w) (model output - target)^2 of the policy, float32, with
+    # gradient; None unless needs_errors
     reference_errors: torch.Tensor | None  # (B, K, c, h, w) of the reference; None unless needs_reference
     rollout: Rollout | None = None  # what rollout() returned, for online methods
     policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # the policy with gradient, as
     # NoiseRequest.unet: (x (K B, c, h, w), t (K B,)) -> output, for losses that need more forwards (log-probs)
+    policy_uncond: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # online methods: the policy
+    # with gradient on the empty prompt (guidance), and the reference (no gradient: LoRA adapters disabled or the
+    # frozen copy) on the prompts and on the empty prompt
+    reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    reference_uncond: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 class PreferenceMethod:
@@ -60,6 +68,7 @@ class PreferenceMethod:
     noise: ClassVar[NoiseKind] = "shared"
     needs_reference: ClassVar[bool] = True
     online: ClassVar[bool] = False
+    needs_errors: ClassVar[bool] = True
     display: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options):
