@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..options import option, parse_args, validate_choices
+from .d3po import D3POOptions
 from .methods import METHODS, DPOOptions, get_method, method_options
 from .rollout import RolloutOptions
 
@@ -112,7 +113,7 @@ class RunOptions:
 
 
 @dataclass
-class TrainConfig(DPOOptions, RolloutOptions, RunOptions):
+class TrainConfig(D3POOptions, DPOOptions, RolloutOptions, RunOptions):
     """Options of one preference-training run: the shared ones, then every registered method's own options."""
 
     def __post_init__(self):

@@ -32,9 +32,10 @@ from typing import ClassVar, Literal
 import torch
 
 from ..options import option
-from .losses import candidate_errors, diffusion_dpo_loss
+from .d3po import D3POOptions, preference_pairs, trajectory_log_probs
+from .losses import candidate_errors, d3po_loss, diffusion_dpo_loss
 from .noise import PROVIDERS, NoiseRequest
-from .rollout import Rollout, RolloutRequest
+from .rollout import Rollout, RolloutRequest, guided, sample_rollout, sampling_scheduler
 
 NoiseKind = Literal["shared", "independent", "inversion"]
 
@@ -120,7 +121,56 @@ class DiffusionDPO(PreferenceMethod):
         return diffusion_dpo_loss(policy_w, policy_l, reference_w, reference_l, beta=self.options.beta)
 
 
-METHODS: dict[str, type[PreferenceMethod]] = {"dpo": DiffusionDPO}
+class D3PO(PreferenceMethod):
+    """D3PO (Yang et al., CVPR 2024, ``d3po.py``): online; K trajectories per prompt from one x_T by the current
+    policy, ranked by ``--d3po_reward`` (best vs worst, ties dropped, ``--flip_labels`` reverses them); the
+    per-step loss ``losses.d3po_loss`` on the log-ratios of policy to the frozen initial model (LoRA: adapters
+    disabled), both recomputed on the stored steps with the rollout's guidance, averaged over pairs and steps."""
+
+    name = "d3po"
+    Options = D3POOptions
+    needs_reference = False  # the reference enters through the step log-probabilities, not denoising errors
+    needs_errors = False
+    online = True
+    display = ("reward", "implicit_accuracy")
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.reward, self.sampler = None, None
+
+    def rollout(self, request: RolloutRequest) -> Rollout:
+        if self.reward is None:
+            from ..evaluation.rewards import load_reward
+
+            self.reward = load_reward(self.options.d3po_reward, device=request.device)
+        options = self.options
+        self.sampler = sampling_scheduler(request.scheduler, options.d3po_num_steps)
+        request.reward = self.reward.score
+        return sample_rollout(request, options.d3po_num_steps, options.d3po_eta, options.d3po_guidance_scale)
+
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        options, rollout = self.options, inputs.rollout
+        pairs, keep = preference_pairs(inputs.batch["scores"].to(rollout.log_probs.device))  # (B, 2), (B,)
+        scale = options.d3po_guidance_scale
+        policy = guided(inputs.policy, inputs.policy_uncond, scale)
+        logp_policy = trajectory_log_probs(policy, self.sampler, rollout, options.d3po_eta)  # (B, K, T)
+        with torch.no_grad():
+            reference = guided(inputs.reference, inputs.reference_uncond, scale)
+            logp_reference = trajectory_log_probs(reference, self.sampler, rollout, options.d3po_eta)  # (B, K, T)
+        index = pairs[..., None].expand(-1, -1, logp_policy.shape[2])  # (B, 2, T)
+        logp_policy, logp_reference = logp_policy.gather(1, index), logp_reference.gather(1, index)  # (B, 2, T)
+        if keep.any():
+            loss, metrics = d3po_loss(
+                logp_policy[keep], logp_reference[keep], options.d3po_beta, options.d3po_clip_range
+            )
+        else:  # every prompt tied: no preference, a zero loss that still reaches every trained weight
+            loss, metrics = d3po_loss(logp_policy, logp_reference, options.d3po_beta, options.d3po_clip_range)
+            loss = loss * 0
+        metrics.update(reward=rollout.rewards.float().mean(), pairs_kept=keep.float().mean())
+        return loss, metrics
+
+
+METHODS: dict[str, type[PreferenceMethod]] = {"dpo": DiffusionDPO, "d3po": D3PO}
 """Registered preference methods by their ``--method`` name."""
 
 
