@@ -209,3 +209,76 @@ def test_one_d3po_step_on_tiny_sdxl(tmp_path, monkeypatch):
     result = train(config)
     assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert result.history[0]["pairs_kept"] == 1.0 and math.isfinite(result.history[0]["reward"])
+
+
+def test_human_labels_export_read_and_train(tmp_path, pipeline):
+    """Export 4 prompts' trajectories, label 3 of them (one each way, one null), train one step on the labels."""
+    from diffalign.alignment.labels import export_for_labelling, read_labels
+
+    prompts = ["a handwritten 1", "a handwritten 2", "a handwritten 3", "a handwritten 4"]
+    with torch.no_grad():
+        rollout = sample_rollout(request_for(pipeline, prompts), num_steps=2, guidance_scale=2.0)
+    buffer = ReplayBuffer(8)
+    buffer.add(rollout, prompts, torch.arange(4), 0)
+    folder = export_for_labelling(buffer, tmp_path / "export")
+    records = [json.loads(line) for line in (folder / "trajectories.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [0, 1, 2, 3] and records[2]["images"] == ["images/2_0.png", "images/2_1.png"]
+    from PIL import Image
+
+    assert Image.open(folder / "images" / "2_1.png").size == (8, 8)
+    choices = {0: 1, 1: 0, 2: None, 3: 1}
+    lines = [json.dumps({"id": i, "choice": c}) + "\n" for i, c in choices.items()]
+    (folder / "labels.jsonl").write_text("".join(lines))
+    assert read_labels(folder / "labels.jsonl", 2) == choices
+    (tmp_path / "bad.jsonl").write_text('{"id": 0, "choice": 2}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1.*choice.*0..1"):
+        read_labels(tmp_path / "bad.jsonl", 2)
+    config = TrainConfig(
+        method="d3po",
+        dataset=str(folder),
+        jsonl_name="trajectories.jsonl",
+        d3po_labels=str(folder / "labels.jsonl"),
+        d3po_guidance_scale=2.0,
+        output_dir=str(tmp_path / "out"),
+        train_batch_size=4,
+        max_train_steps=1,
+        checkpointing_steps=0,
+        progress_bar=False,
+    )
+    result = train(config)
+    assert result.history[0]["pairs_kept"] == 0.75  # the null choice is a tie
+    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result.history[0]["reward"] == pytest.approx(3 / 8)  # one-hot choices as rewards
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path, pairs_dir):
+    """torchrun with 2 CPU processes x 2 prompts gives the losses and rewards of 1 process x 4 prompts: rollouts are
+    seeded per record, each process samples its own prompts and keeps its own buffer (replay_0 / replay_1)."""
+    import os
+    import subprocess
+    import sys
+
+    from .test_multiprocess import free_port
+
+    root = Path(__file__).resolve().parents[2]
+    common = ["-m", "diffalign.train", "--method", "d3po", "--dataset", str(pairs_dir), "--max_train_samples", "8"]
+    common += ["--lora_target_modules", "to_v,conv1", "--learning_rate", "1e-2", "--d3po_num_steps", "2"]
+    common += ["--d3po_guidance_scale", "2", "--max_train_steps", "3", "--checkpointing_steps", "3"]
+    common += ["--progress_bar", "false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    commands = {
+        "one": [sys.executable, *common, "--train_batch_size", "4"],
+        "two": [*launcher, str(free_port()), *common, "--train_batch_size", "2"],
+    }
+    for name, command in commands.items():
+        done = subprocess.run(
+            command + ["--output_dir", str(tmp_path / name)], env=env, cwd=root, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    history = {n: json.loads((tmp_path / n / "diffalign_train.json").read_text())["history"] for n in commands}
+    for key in ("loss", "reward"):
+        assert [h[key] for h in history["two"]] == pytest.approx([h[key] for h in history["one"]], abs=1e-5)
+    assert (tmp_path / "two" / "checkpoint-3" / "replay_1.safetensors").is_file()
+    assert len(ReplayBuffer.load(tmp_path / "two" / "checkpoint-3" / "replay_1.safetensors")) == 6  # 3 steps x 2
