@@ -138,7 +138,7 @@ def test_d3po_loss_is_log2_at_the_reference_and_descends(pipeline):
 def small(tmp_path, pairs_dir, name, **overrides):
     options = dict(method="d3po", output_dir=str(tmp_path / name), dataset=str(pairs_dir), train_batch_size=4)
     options |= dict(lora_target_modules="to_v,conv1", checkpointing_steps=0, progress_bar=False, max_train_steps=4)
-    options |= dict(max_train_samples=8, learning_rate=1e-2, d3po_num_steps=2, d3po_guidance_scale=2.0)
+    options |= dict(max_train_samples=8, learning_rate=1e-4, d3po_num_steps=2, d3po_guidance_scale=2.0)
     return TrainConfig(**(options | overrides))
 
 
@@ -263,7 +263,7 @@ def test_two_processes_match_one_process(tmp_path, pairs_dir):
 
     root = Path(__file__).resolve().parents[2]
     common = ["-m", "diffalign.train", "--method", "d3po", "--dataset", str(pairs_dir), "--max_train_samples", "8"]
-    common += ["--lora_target_modules", "to_v,conv1", "--learning_rate", "1e-2", "--d3po_num_steps", "2"]
+    common += ["--lora_target_modules", "to_v,conv1", "--learning_rate", "1e-4", "--d3po_num_steps", "2"]
     common += ["--d3po_guidance_scale", "2", "--max_train_steps", "3", "--checkpointing_steps", "3"]
     common += ["--progress_bar", "false"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
