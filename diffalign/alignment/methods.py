@@ -150,7 +150,7 @@ class D3PO(PreferenceMethod):
         if self.reward is None:
             from ..evaluation.rewards import load_reward
 
-            self.reward = load_reward(self.options.d3po_reward, device=request.device)
+            self.reward = load_reward(options.d3po_reward, device=request.device)
         self.sampler = sampling_scheduler(request.scheduler, options.d3po_num_steps)
         request.reward = self.reward.score
         return sample_rollout(request, options.d3po_num_steps, options.d3po_eta, options.d3po_guidance_scale)

@@ -174,11 +174,9 @@ def test_d3po_options_are_a_help_group(capsys):
         TrainConfig(method="d3po", d3po_eta=0.0)
 
 
-_spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "pipelines" / "tiny_pipelines.py"
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
+_spec = importlib.util.spec_from_file_location("trainer_sd", Path(__file__).resolve().parent / "test_trainer_sd.py")
+trainer_sd = importlib.util.module_from_spec(_spec)  # its tiny pipelines and Pick-a-Pic writer
+_spec.loader.exec_module(trainer_sd)
 
 
 class MeanReward:
@@ -191,14 +189,12 @@ class MeanReward:
 def test_one_d3po_step_on_tiny_sdxl(tmp_path, monkeypatch):
     from diffalign.evaluation import rewards
 
-    from .test_trainer_sd import write_pickapic
-
     monkeypatch.setattr(rewards, "load_reward", lambda name, device="cpu", **kwargs: MeanReward())
-    tiny.make_sdxl_pipeline(tmp_path)
+    trainer_sd.tiny.make_sdxl_pipeline(tmp_path)
     config = TrainConfig(
         method="d3po",
         pretrained_model_name_or_path=str(tmp_path / "sdxl"),
-        dataset=str(write_pickapic(tmp_path / "data.parquet", num_rows=2)),
+        dataset=str(trainer_sd.write_pickapic(tmp_path / "data.parquet", num_rows=2)),
         output_dir=str(tmp_path / "out"),
         train_batch_size=2,
         max_train_steps=1,
@@ -256,11 +252,13 @@ def test_two_processes_match_one_process(tmp_path, pairs_dir):
     """torchrun with 2 CPU processes x 2 prompts gives the losses and rewards of 1 process x 4 prompts: rollouts are
     seeded per record, each process samples its own prompts and keeps its own buffer (replay_0 / replay_1)."""
     import os
+    import socket
     import subprocess
     import sys
 
-    from .test_multiprocess import free_port
-
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     root = Path(__file__).resolve().parents[2]
     common = ["-m", "diffalign.train", "--method", "d3po", "--dataset", str(pairs_dir), "--max_train_samples", "8"]
     common += ["--lora_target_modules", "to_v,conv1", "--learning_rate", "1e-4", "--d3po_num_steps", "2"]
@@ -270,7 +268,7 @@ def test_two_processes_match_one_process(tmp_path, pairs_dir):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     commands = {
         "one": [sys.executable, *common, "--train_batch_size", "4"],
-        "two": [*launcher, str(free_port()), *common, "--train_batch_size", "2"],
+        "two": [*launcher, str(port), *common, "--train_batch_size", "2"],
     }
     for name, command in commands.items():
         done = subprocess.run(
