@@ -113,7 +113,7 @@ def test_pairs_are_best_against_worst_and_ties_are_dropped():
 
 
 def test_d3po_loss_is_log2_at_the_reference_and_descends(pipeline):
-    """At pi_theta = pi_ref the loss is log 2 (ties dropped); a small step against its gradient lowers it."""
+    """At pi_theta = pi_ref a pair's loss is log 2, a tie's 0; a small step against the gradient lowers the loss."""
     method = D3PO(D3POOptions(d3po_num_steps=2, d3po_guidance_scale=1.0))
     request = request_for(pipeline, ["a handwritten 3", "a handwritten 5"])
     rollout = sample_rollout(request, num_steps=2, guidance_scale=1.0)
@@ -121,7 +121,7 @@ def test_d3po_loss_is_log2_at_the_reference_and_descends(pipeline):
     scores = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # prompt 0: trajectory 0 preferred; prompt 1 tied (dropped)
     inputs = MethodInputs({"scores": scores}, None, None, None, None, None, rollout, request.unet, None, request.unet)
     loss, metrics = method.loss(inputs)
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and metrics["pairs_kept"].item() == 0.5
+    assert loss.item() == pytest.approx(math.log(2) / 2, abs=1e-6) and metrics["pairs_kept"].item() == 0.5
     # one gradient step on a scalar shift of the policy's output lowers the loss and opens the margin
     shift = torch.zeros((), requires_grad=True)
     direction = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -132,7 +132,7 @@ def test_d3po_loss_is_log2_at_the_reference_and_descends(pipeline):
     with torch.no_grad():
         shift -= gradient.sign() * min(1.0, 1e-3 / gradient.abs().item())  # a small step: |shift gradient| <= 1e-3
     moved, moved_metrics = method.loss(inputs)
-    assert moved.item() < math.log(2) - 1e-7 and moved_metrics["reward_margin"].item() > 0
+    assert moved.item() < math.log(2) / 2 - 1e-7 and moved_metrics["reward_margin"].item() > 0
 
 
 def small(tmp_path, pairs_dir, name, **overrides):
@@ -243,7 +243,7 @@ def test_human_labels_export_read_and_train(tmp_path, pipeline):
     )
     result = train(config)
     assert result.history[0]["pairs_kept"] == 0.75  # the null choice is a tie
-    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result.history[0]["loss"] == pytest.approx(0.75 * math.log(2), abs=1e-6)  # the tie adds 0
     assert result.history[0]["reward"] == pytest.approx(3 / 8)  # one-hot choices as rewards
 
 
