@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from diffalign.pipelines.adjoint_demos import add_lora, digits_setup, draw, finetune_lora  # noqa: E402
+from adjoint_digits import add_lora, digits_setup, draw, finetune_lora  # noqa: E402
 
 
 def main(argv=None) -> None:

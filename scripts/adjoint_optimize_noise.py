@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from diffalign.pipelines.adjoint_demos import digits_setup, draw, optimize_noise  # noqa: E402
+from adjoint_digits import digits_setup, draw, optimize_noise  # noqa: E402
 
 
 def main(argv=None) -> None:

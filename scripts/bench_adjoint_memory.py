@@ -27,7 +27,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from diffalign.pipelines.adjoint_models import unet_model  # noqa: E402
+from diffalign.models.adapters import GuidedUNet  # noqa: E402
 from diffalign.samplers import AdjointDPMScheduler, adjoint_sample  # noqa: E402
 
 METHODS = ("backprop", "adjoint", "adjoint-reconstruct")
@@ -35,7 +35,7 @@ SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear
 
 
 def tiny_sd_unet() -> UNet2DConditionModel:
-    """diffusers' tiny SD UNet (as in tests/pipelines/tiny_pipelines.py), seeded."""
+    """diffusers' tiny SD UNet (as in tests/tiny_pipelines.py), seeded."""
     torch.manual_seed(0)
     return UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -52,7 +52,7 @@ def tiny_sd_unet() -> UNet2DConditionModel:
 def one_gradient(method: str, nfe: int, args, device: torch.device, measure_start=None) -> float:
     """Build everything, then time and measure one gradient; returns the peak memory growth in MiB."""
     unet = tiny_sd_unet().to(device)
-    model = unet_model(unet, guidance_scale=args.guidance_scale)
+    model = GuidedUNet(unet, guidance_scale=args.guidance_scale)
     params = [p for p in unet.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(args.batch, 4, args.latent_size, args.latent_size, generator=g).to(device).requires_grad_(True)

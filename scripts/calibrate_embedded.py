@@ -15,7 +15,7 @@ import argparse
 import time
 import warnings
 
-from diffalign.pipelines.dc_calibration import calibrate_model, write_calibration
+from diffalign.evaluation.calibration import calibrate_model, write_calibration
 
 NFES = (4, 5, 6, 7, 8, 9, 10, 12, 15)
 SETTINGS = dict(n_datapoints=10, seed=0, num_iters=60, lr=0.05, substeps=20)

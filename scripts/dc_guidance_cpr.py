@@ -16,9 +16,10 @@ import warnings
 
 import torch
 
-from diffalign.pipelines.bench_targets import LEARNED_MODEL_RTOL, reference_for
-from diffalign.pipelines.benchmark import run_sampler
-from diffalign.pipelines.dc_calibration import calibrate_model, calibration_model
+from diffalign.evaluation.benchmark import run_sampler
+from diffalign.evaluation.calibration import calibrate_model
+from diffalign.evaluation.targets import LEARNED_MODEL_RTOL, reference_for
+from diffalign.models import load_model
 from diffalign.samplers import DCSolverScheduler
 from diffalign.samplers.dc_calibrate import calibrate_dc, fit_cpr_coefficients
 
@@ -42,12 +43,12 @@ def main() -> None:
         scheduler.save_pretrained(args.out)
     noise = torch.randn(args.num_samples, *target.sample_shape, generator=torch.Generator().manual_seed(1234))
     rho_T = float(scheduler.noise_schedule.rho(scheduler.noise_schedule.t_max))
-    held = calibration_model("digits-cond")
+    held = load_model("digits-cond")
     fit_cpr_coefficients(scheduler)
     rows = ["| NFE | CFG | setting | UniPC | DC (calibrated) | DC (CPR) | UniPC / DC-CPR |", "|---" * 7 + "|"]
     references = {}
     for nfe, g in [(n, g) for g in CAL_CFG for n in CAL_NFE[:2]] + list(HELD_OUT):
-        model = target.model_for(g)
+        model = target.with_guidance(g)
         if g not in references:
             references[g] = reference_for(model, target.scheduler_config, LEARNED_MODEL_RTOL)(noise, rho_T).double()
         unipc = DCSolverScheduler.from_config(scheduler.config)
@@ -57,12 +58,12 @@ def main() -> None:
         if (nfe, g) in HELD_OUT:
             direct = DCSolverScheduler.from_config(scheduler.config, guidance_scale=g)
             direct = calibrate_dc(
-                held.model_for(g),
+                held.with_guidance(g),
                 direct,
                 nfe=nfe,
                 guidance_scale=g,
-                cpr=False,
                 sample_shape=held.sample_shape,
+                cpr=False,
                 **SETTINGS,
             )
             label = "held out"

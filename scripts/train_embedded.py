@@ -1,6 +1,6 @@
 """Retrain the embedded digits models with fixed seeds and write them to ``diffalign/assets/digits/``.
 
-Trains, in order (see ``diffalign/pipelines/digits.py`` for the models and the data):
+Trains, in order (see ``diffalign/models/digits.py`` for the models and the data):
 
 1. ``classifier/``: the digits CNN on the 80% training split (random +-1 pixel shifts), checked on the 20% held out.
 2. ``digits/``: the unconditional ``UNet2DModel`` on all 1,797 digits, epsilon loss, EMA weights saved.
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffalign.pipelines.digits import (
+from diffalign.models.digits import (
     ASSETS_DIR,
     NULL_LABEL,
     DigitsClassifier,

@@ -46,14 +46,14 @@ from diffalign.models.clips import (
     drift_residual,
     make_digit_clips,
 )
-from diffalign.options import option, parse_args
-from diffalign.pipelines.digits import (
+from diffalign.models.digits import (
     NULL_LABEL,
     build_scheduler,
     load_digits_classifier,
     load_digits_data,
     load_digits_pipeline,
 )
+from diffalign.options import option, parse_args
 
 
 @dataclass

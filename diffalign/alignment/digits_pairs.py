@@ -17,7 +17,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from ..pipelines.digits import NUM_CLASSES, load_digits_classifier
+from ..models.digits import NUM_CLASSES, load_digits_classifier
 
 DEMO_STEPS = 2
 """DDIM steps of the demo's sampler (no guidance): accuracy ~97% there, against ~99.8% at 50 guided steps."""

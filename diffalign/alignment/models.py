@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from ..pipelines.digits import load_digits_pipeline
+from ..models.digits import load_digits_pipeline
 from .config import EMBEDDED_MODEL
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

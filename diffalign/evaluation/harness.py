@@ -23,8 +23,8 @@ from typing import Literal
 
 import torch
 
+from ..models.digits import NUM_CLASSES, DigitsPipeline, load_digits_pipeline
 from ..options import option, validate_choices
-from ..pipelines.digits import NUM_CLASSES, DigitsPipeline, load_digits_pipeline
 from ..samplers import swap_scheduler
 from .bootstrap import compare_scores
 from .report import write_grid, write_json, write_markdown

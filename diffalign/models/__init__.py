@@ -1,1 +1,5 @@
-"""Models: the embedded digits models, the Gaussian mixture, and loading by name."""
+"""Embedded models (``gmm``, ``digits``, ``digits-cond``, ``digits-clips``), ``load_model`` and the model adapters."""
+
+from .loading import EMBEDDED, ModelSpec, load_model
+
+__all__ = ["EMBEDDED", "ModelSpec", "load_model"]

@@ -1,6 +1,6 @@
 """Embedded "digits-clips" video model: short clips of drifting 8x8 digits, a tiny video UNet and a per-segment reward.
 
-The video counterpart of ``digits-cond`` (``diffalign.pipelines.digits``), small enough to ship and to train on CPU,
+The video counterpart of ``digits-cond`` (``diffalign.models.digits``), small enough to ship and to train on CPU,
 so that video methods (DenseDPO, Wu et al. 2025) have real samples and a real per-segment reward offline:
 
 - Data (``make_digit_clips``): each scikit-learn digit becomes a clip of F frames (default 6), shape (1, F, 8, 8) in
@@ -46,7 +46,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..pipelines.digits import (
+from .digits import (
     ASSETS_DIR,
     IMAGE_SIZE,
     NULL_LABEL,

@@ -276,7 +276,7 @@ def adjoint_sample(
     Args:
         model: ``model(x, t)`` or, with ``cond``, ``model(x, t, cond)`` returning the raw output (tensor or diffusers
             output object) that ``scheduler.config.prediction_type`` describes (eps, v or x0). Classifier-free
-            guidance belongs inside it (``diffalign.pipelines.adjoint_models.guided_unet``).
+            guidance belongs inside it (``diffalign.models.adapters.GuidedUNet``).
         x_T: starting noise (B, ...); gradients flow to it when it requires grad.
         scheduler: a ``DPMSolverPPScheduler`` / ``DPMSolverScheduler`` / ``AdjointDPMScheduler`` (multistep), or any
             diffusers scheduler or config dict, which becomes an ``AdjointDPMScheduler`` with the same noise schedule.

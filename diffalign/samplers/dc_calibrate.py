@@ -50,7 +50,7 @@ def reference_trajectory(model: Callable, scheduler: DCSolverScheduler, x_T: tor
     """The ODE solution from ``x_T`` at each of ``scheduler``'s grid points (after ``set_timesteps``): (n + 1) tensors.
 
     DPM-Solver++(3M) with ``substeps`` log-uniform steps per interval: its error at NFE ~ ``40 n`` is far below
-    any few-step sampler's, so it stands in for the exact solution (``diffalign.pipelines.reference`` has dopri5).
+    any few-step sampler's, so it stands in for the exact solution (``diffalign.evaluation.reference`` has dopri5).
     """
     rhos = scheduler.sigma_grid / scheduler.alpha_grid  # (n + 1,) float64, last may be 0
     fine, index = _fine_rhos(rhos, substeps)

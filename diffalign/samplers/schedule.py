@@ -7,7 +7,7 @@ A VP diffusion has ``x_t = alpha_t x_0 + sigma_t eps`` with ``alpha_t^2 + sigma_
 A diffusers schedule is defined at the integer training timesteps ``n = 0 .. N-1``. We extend it to continuous time
 by interpolating ``lambda`` linearly in ``t`` between integer points, the same map diffusers' ``_sigma_to_t`` uses to
 turn Karras sigmas into timesteps, so float timesteps mean the same noise level to our schedulers, to the analytic
-models in ``diffalign.pipelines`` and to diffusers.
+models in ``diffalign.models`` and to diffusers.
 
 All arithmetic is float64 (numpy); tensors are made at the pipeline boundary.
 """

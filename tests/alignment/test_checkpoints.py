@@ -7,7 +7,7 @@ import torch
 
 from diffalign.alignment.checkpoints import RunHistory, find_checkpoint, numbered_checkpoints, read_checkpoint
 from diffalign.alignment.step import adapters_disabled
-from diffalign.pipelines.digits import load_digits_pipeline
+from diffalign.models.digits import load_digits_pipeline
 
 
 def write_state(folder, step, config=None):

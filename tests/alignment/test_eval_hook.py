@@ -8,7 +8,7 @@ from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.digits_pairs import make_digits_pairs
 from diffalign.alignment.trainer import train
 from diffalign.evaluation.harness import DIGITS_PROMPTS, load_rewards, score_pipeline
-from diffalign.pipelines.digits import load_digits_pipeline
+from diffalign.models.digits import load_digits_pipeline
 
 SEEDS = [1_000_000, 1_000_001]
 

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch.distributions import Normal
 
 from diffalign.alignment.logprob import ddim_sample_with_logprob, ddim_step_with_logprob, ddpm_step_with_logprob
-from diffalign.pipelines.digits import load_digits_pipeline
+from diffalign.models.digits import load_digits_pipeline
 
 SHAPE = (4, 2, 4, 4)  # (B, C, H, W)
 SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)

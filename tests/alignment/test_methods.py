@@ -14,7 +14,7 @@ from diffalign.alignment.losses import candidate_errors
 from diffalign.alignment.methods import METHODS, DiffusionDPO, DPOOptions, MethodInputs, PreferenceMethod
 from diffalign.alignment.rollout import Rollout
 from diffalign.alignment.trainer import train
-from diffalign.pipelines.digits import load_digits_pipeline
+from diffalign.models.digits import load_digits_pipeline
 
 
 @pytest.fixture(scope="module")

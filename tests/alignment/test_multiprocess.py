@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from diffalign.alignment.digits_pairs import make_digits_pairs
-from diffalign.pipelines.digits import load_digits_pipeline
+from diffalign.models.digits import load_digits_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--learning_rate", "1e-3", "--beta", "500", "--checkpointing_steps", "5", "--max_train_samples", "32"]

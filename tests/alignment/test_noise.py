@@ -14,7 +14,7 @@ from diffalign.alignment.noise import (
     record_generator,
     shared_noise,
 )
-from diffalign.pipelines.digits import load_digits_pipeline
+from diffalign.models.digits import load_digits_pipeline
 
 
 def request(index, epoch=0, num_candidates=3, unet=None, scheduler=None):

@@ -11,7 +11,7 @@ from diffalign.alignment import trainer as trainer_module
 from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.digits_pairs import evaluate_digits, make_digits_pairs
 from diffalign.alignment.trainer import train
-from diffalign.pipelines.digits import load_digits_pipeline
+from diffalign.models.digits import load_digits_pipeline
 
 LORA_TARGETS = "to_v,to_out.0,conv1,conv2"
 

@@ -9,8 +9,8 @@ import torch
 
 from diffalign.commands import eval as eval_command
 from diffalign.evaluation.harness import EvalConfig
+from diffalign.models.digits import load_digits_pipeline
 from diffalign.options import add_arguments, from_args, parse_args
-from diffalign.pipelines.digits import load_digits_pipeline
 
 
 def test_the_module_follows_the_command_contract():

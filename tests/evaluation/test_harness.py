@@ -25,10 +25,10 @@ from diffalign.evaluation.harness import (
     score_pipeline,
 )
 from diffalign.evaluation.rewards import load_reward
-from diffalign.pipelines.digits import load_digits_classifier, load_digits_pipeline
+from diffalign.models.digits import load_digits_classifier, load_digits_pipeline
 
 _spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "pipelines" / "tiny_pipelines.py"
+    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
 )
 tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tiny)

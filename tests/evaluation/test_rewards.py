@@ -38,7 +38,7 @@ from diffalign.evaluation.rewards.hps import CLIP_STD as HPS_CLIP_STD
 from diffalign.evaluation.rewards.hps import IMAGE_SIZE as HPS_IMAGE_SIZE
 from diffalign.evaluation.rewards.hps import hps_preprocess
 from diffalign.evaluation.rewards.imagereward import ImageRewardModel
-from diffalign.pipelines.digits import load_digits_data
+from diffalign.models.digits import load_digits_data
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "convert_reward_checkpoint.py"
 

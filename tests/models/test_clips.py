@@ -27,7 +27,7 @@ from diffalign.models.clips import (
     load_digits_clip_pipeline,
     make_digit_clips,
 )
-from diffalign.pipelines.digits import (
+from diffalign.models.digits import (
     build_digits_unet,
     load_digits_classifier,
     load_digits_data,

@@ -20,12 +20,12 @@ import pytest
 import torch
 from torch import nn
 
-from diffalign.pipelines.adjoint_models import unet_model
-from diffalign.pipelines.gmm import GaussianMixture
+from diffalign.models.adapters import GuidedUNet
+from diffalign.models.gmm import GaussianMixture
 from diffalign.samplers import SCHEDULERS, AdjointDPMScheduler, DPMSolverPPScheduler, adjoint_sample
 from diffalign.samplers.schedule import alpha_sigma_from_rho
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_pipelines import sd_components  # noqa: E402
 
 
@@ -121,7 +121,7 @@ def test_store_matches_backprop_on_a_tiny_unet_with_guidance(tmp_path):
     weights = [unet.conv_in.weight, unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight]
     for w in weights:
         w.requires_grad_(True)
-    model = unet_model(unet, guidance_scale=3.0)
+    model = GuidedUNet(unet, guidance_scale=3.0)
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
     cond = torch.randn(2, 3, 32, generator=g, dtype=torch.float64)  # [unconditional; conditional] embeddings

@@ -16,7 +16,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from diffalign.pipelines.gmm import GaussianMixture
+from diffalign.models.gmm import GaussianMixture
 from diffalign.samplers import SCHEDULERS
 
 VARIANTS = {

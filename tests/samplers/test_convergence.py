@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffalign.pipelines.gmm import GaussianMixture
+from diffalign.models.gmm import GaussianMixture
 from diffalign.samplers import DPMSolverPPScheduler, DPMSolverScheduler
 
 NFE = (48, 96, 192)

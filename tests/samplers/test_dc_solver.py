@@ -15,10 +15,10 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler
 
-from diffalign.pipelines.bench_targets import GMM_SCHEDULER_DIR, gmm_target
-from diffalign.pipelines.benchmark import make_scheduler
-from diffalign.pipelines.gmm import GaussianMixture
-from diffalign.pipelines.sampling import sample
+from diffalign.evaluation.benchmark import make_scheduler
+from diffalign.evaluation.sampling import sample
+from diffalign.evaluation.targets import gmm_target
+from diffalign.models.gmm import GMM_SCHEDULER_DIR, GaussianMixture
 from diffalign.samplers import DCSolverScheduler
 from diffalign.samplers.dc_calibrate import calibrate_dc, fit_cpr_coefficients, model_fingerprint
 from diffalign.samplers.dc_cpr import cpr_ratios, fit_cpr
@@ -278,7 +278,7 @@ def test_shipped_digits_ratios_beat_unipc_on_unseen_noises(nfe, margin, digits_u
 
 @pytest.fixture(scope="module")
 def digits_unseen():
-    from diffalign.pipelines.digits_bench import digits_target
+    from diffalign.evaluation.targets import digits_target
 
     target = digits_target()
     noise = x_T(batch=64, seed=7)

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from diffalign.pipelines.gmm import GaussianMixture
+from diffalign.models.gmm import GaussianMixture
 from diffalign.samplers import DPMSolverPPScheduler, DPMSolverV3Scheduler, compute_ems
 from diffalign.samplers import dpm_solver_v3 as v3_module
 from diffalign.samplers.ems import EMS_FILE
@@ -183,8 +183,8 @@ def test_shipped_ems_are_found_and_beat_unipc_on_gmm():
     """
     from diffusers import UniPCMultistepScheduler
 
-    from diffalign.pipelines.bench_targets import gmm_target
-    from diffalign.pipelines.benchmark import make_scheduler, run_sampler
+    from diffalign.evaluation.benchmark import make_scheduler, run_sampler
+    from diffalign.evaluation.targets import gmm_target
 
     target = gmm_target()
     v3 = make_scheduler(DPMSolverV3Scheduler, target.scheduler_config, {}, target.side_info)
@@ -201,7 +201,7 @@ def test_shipped_ems_are_found_and_beat_unipc_on_gmm():
 
 
 def test_shipped_digits_ems_match_the_shipped_unet():
-    from diffalign.pipelines.digits import ASSETS_DIR, load_digits_unet
+    from diffalign.models.digits import ASSETS_DIR, load_digits_unet
 
     scheduler = DPMSolverV3Scheduler.from_pretrained(ASSETS_DIR / "digits" / "scheduler")
     assert scheduler.ems is not None and scheduler.ems.sample_shape == (1, 8, 8)

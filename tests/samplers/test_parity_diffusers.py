@@ -20,7 +20,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 
-from diffalign.pipelines.gmm import GaussianMixture
+from diffalign.models.gmm import GaussianMixture
 from diffalign.samplers import DPMSolverPPScheduler, DPMSolverScheduler
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...pipelines.digits import ASSETS_DIR, IMAGE_SIZE, NULL_LABEL, load_digits_classifier, prompt_to_label
+from ...models.digits import ASSETS_DIR, IMAGE_SIZE, NULL_LABEL, load_digits_classifier, prompt_to_label
 from .base import ImageBatch, RewardModel, content_hash, folder_version, refuse_pickle
 
 

@@ -15,7 +15,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file
 
-from diffalign.pipelines.digits import (
+from diffalign.evaluation.frechet import digits_fd_floor, fd_digits, frechet_distance
+from diffalign.models.digits import (
     ASSETS_DIR,
     NULL_LABEL,
     DigitsPipeline,
@@ -25,7 +26,6 @@ from diffalign.pipelines.digits import (
     load_digits_unet,
     prompt_to_label,
 )
-from diffalign.pipelines.frechet import digits_fd_floor, fd_digits, frechet_distance
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

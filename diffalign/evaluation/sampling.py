@@ -11,9 +11,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..samplers.adjoint import model_output
-
-__all__ = ["model_output", "sample"]
+from ..samplers import model_output
 
 
 @torch.no_grad()

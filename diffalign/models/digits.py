@@ -7,7 +7,7 @@ Everything here runs offline on CPU and is small enough to ship inside the packa
   sees images of shape (B, 1, 8, 8) in [-1, 1] ("model space"). A fixed, seeded, stratified 20% of the images is
   held out to measure the classifier; the diffusion models train on all images.
 - ``DigitsClassifier``: a small CNN whose 64-D penultimate features define the Fréchet distance "FD-digits"
-  (see ``diffalign.pipelines.frechet``).
+  (see ``diffalign.evaluation.frechet``).
 - ``digits``: a diffusers ``UNet2DModel`` (epsilon prediction, DDPM linear betas 1e-4..0.02, 1,000 steps).
 - ``digits-cond``: a diffusers ``UNet2DConditionModel`` conditioned through the text path: ``DigitsPromptEncoder``
   turns a prompt such as ``"a handwritten 7"`` or ``"seven"`` into ``encoder_hidden_states`` of shape (B, 1, D)

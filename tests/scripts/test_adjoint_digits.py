@@ -11,9 +11,13 @@ The short LoRA run lowers confident mistakes (the log-prob reward) before it rai
 is in the README ("Uses on the embedded digits-cond model").
 """
 
+import sys
+from pathlib import Path
+
 import torch
 
-from diffalign.pipelines.adjoint_demos import add_lora, digits_setup, draw, finetune_lora, optimize_noise
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from adjoint_digits import add_lora, digits_setup, draw, finetune_lora, optimize_noise  # noqa: E402
 
 
 def test_noise_optimisation_draws_the_prompted_digit():

@@ -2,7 +2,8 @@
 noise, and fine-tune LoRA weights, so that samples score higher under the digits classifier for the prompted digit.
 
 Both differentiate ``log p_classifier(digit | x_0)`` through the whole DPM-Solver++ chain with ``adjoint_sample``.
-The scripts ``scripts/adjoint_optimize_noise.py`` and ``scripts/adjoint_lora_finetune.py`` call these.
+The scripts ``adjoint_optimize_noise.py`` and ``adjoint_lora_finetune.py`` beside this file call these; the tests
+import this file by path (``tests/scripts/test_adjoint_digits.py``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..samplers import AdjointDPMScheduler, adjoint_sample
-from .adjoint_models import classifier_log_prob, digits_prompt_embeddings, unet_model
-from .digits import load_digits_classifier, load_digits_pipeline
+from diffalign.models.adapters import GuidedUNet
+from diffalign.models.digits import NULL_LABEL, DigitsPromptEncoder, load_digits_classifier, load_digits_pipeline
+from diffalign.samplers import AdjointDPMScheduler, adjoint_sample
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 """LoRA targets in the digits-cond UNet: the mid block's cross-attention projections and every ResNet conv."""
@@ -30,7 +31,7 @@ class DigitsSetup:
     guidance_scale: float | None
 
     def model(self):
-        return unet_model(self.unet, guidance_scale=self.guidance_scale)
+        return GuidedUNet(self.unet, guidance_scale=self.guidance_scale)
 
     def cond(self, labels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -131,3 +132,20 @@ def finetune_lora(
         optimizer.step()
         rewards.append(float(reward.detach().mean()))
     return rewards
+
+
+def digits_prompt_embeddings(
+    text_encoder: DigitsPromptEncoder, labels: torch.Tensor, guidance: bool = True
+) -> torch.Tensor:
+    """digits-cond ``encoder_hidden_states`` for digit ``labels`` (B,): (B, 1, D), or (2B, 1, D) with the empty prompt
+    first when ``guidance`` (the layout ``GuidedUNet(..., guidance_scale=...)`` expects per call)."""
+    labels = labels.to(text_encoder.device)
+    if guidance:
+        labels = torch.cat([torch.full_like(labels, NULL_LABEL), labels])
+    return text_encoder(labels)
+
+
+def classifier_log_prob(classifier, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability (B,) that ``classifier`` gives ``labels`` for digits ``images`` (B, 1, 8, 8) in [-1, 1]."""
+    log_probs = torch.log_softmax(classifier(images.clamp(-1.0, 1.0)), dim=-1)  # (B, 10)
+    return log_probs.gather(1, labels.to(log_probs.device)[:, None])[:, 0]

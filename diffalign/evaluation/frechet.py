@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from diffalign.pipelines.digits import DigitsClassifier, load_digits_classifier, load_digits_data
+from ..models.digits import DigitsClassifier, load_digits_classifier, load_digits_data
 
 
 def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -12,9 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..samplers import eps_from_model_output
-from ..samplers.schedule import NoiseScheduleVP, alpha_sigma_from_rho
-from .sampling import model_output
+from ..samplers import NoiseScheduleVP, eps_from_model_output, model_output
+from ..samplers.schedule import alpha_sigma_from_rho
 
 
 @torch.no_grad()

@@ -6,13 +6,14 @@ For data ``x_0 ~ sum_k w_k N(mu_k, S_k)`` and ``x_t = alpha_t x_0 + sigma_t eps`
 with responsibilities ``gamma_k``. With ``S_k = U_k diag(d_k) U_k^T`` every inverse is diagonal in ``U_k``.
 
 Because the model is exact, a sampler's distance to an accurate solution of the probability-flow ODE is pure solver
-error; ``reference_solution`` gives that solution to 1e-10 (``reference.probability_flow_solution``).
+error; ``reference_solution`` gives that solution to 1e-10 (``evaluation.reference.probability_flow_solution``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,8 +21,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-from ..samplers.schedule import NoiseScheduleVP
-from .reference import probability_flow_solution
+from ..evaluation.reference import probability_flow_solution
+from ..samplers import NoiseScheduleVP
+
+GMM_SCHEDULER_DIR = Path(__file__).resolve().parent.parent / "assets" / "gmm" / "scheduler"
+"""The embedded mixture's scheduler folder: its schedule config and learned side information (EMS, DC ratios)."""
 
 
 @dataclass
@@ -142,7 +146,7 @@ class GaussianMixture(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         """Probability-flow ODE solution from ``x_T`` at diffusers sigma ``rho_T`` to ``rho_end`` (0 allowed).
 
-        dopri5 in float64 on ``dy/du = eps`` (see ``reference.probability_flow_solution``); the exact eps needs no
+        dopri5 in float64 on ``dy/du = eps`` (see ``probability_flow_solution``); the exact eps needs no
         timestep, so the solve is exact up to the tolerances. Returns a float64 tensor shaped like ``x_T``.
         """
 

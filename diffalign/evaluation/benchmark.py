@@ -16,17 +16,20 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import diffusers
 import torch
 from tqdm.auto import tqdm
 
-from ..samplers import SCHEDULERS, get_scheduler_class, keep_model_keys
-from ..samplers.schedule import NoiseScheduleVP
+from ..models.loading import DEFAULT_GUIDANCE, EMBEDDED
+from ..options import option, validate_choices
+from ..samplers import SCHEDULERS, NoiseScheduleVP, get_scheduler_class, keep_model_keys, model_output
 from ..samplers.side_info import SideInfoMixin, has_side_info
-from .sampling import model_output, sample
+from .sampling import sample
+from .targets import BenchTarget, load_target
 
 DIFFUSERS_BASELINES = (
     "DDIMScheduler",
@@ -42,6 +45,7 @@ EXTRA_VARIANTS = (
     "dpm_solver_pp:solver_order=3,taylor_third_order=true,timestep_spacing=logSNR,final_sigmas_type=sigma_min",
 )
 DEFAULT_NFE = (5, 6, 8, 10, 15, 20, 50)
+REFERENCE_SAMPLES = 128
 REFERENCE = "high-NFE solution (100 NFE)"
 FLOOR_SAMPLER = (
     "dpm_solver_pp:solver_order=3,taylor_third_order=true,timestep_spacing=logSNR,final_sigmas_type=sigma_min"
@@ -55,27 +59,6 @@ def default_samplers() -> list[str]:
     """
     ours = [name for name in sorted(SCHEDULERS) if name != "adjoint_dpm"]
     return ours + list(EXTRA_VARIANTS) + list(DIFFUSERS_BASELINES)
-
-
-@dataclass
-class BenchTarget:
-    """What the benchmark needs from a model.
-
-    ``model(x, t)``: the denoiser; ``reference(x_T, rho_T)``: the accurate ODE solution to ``rho = 0``;
-    ``fd(images)``: Fréchet distance of (B, ...) samples to the data, or None; ``fd_floors``: labelled floors.
-    """
-
-    name: str
-    model: Callable
-    scheduler_config: dict
-    sample_shape: tuple[int, ...]
-    reference: Callable[[torch.Tensor, float], torch.Tensor]
-    fd: Callable[[torch.Tensor], float] | None = None
-    fd_floors: dict[str, float] = field(default_factory=dict)
-    dtype: torch.dtype = torch.float32
-    fd_name: str = "FD-digits"
-    side_info: Path | None = None
-    """Folder with learned scheduler side information (v3 EMS, DC ratios) for this model, if any."""
 
 
 def parse_sampler(spec: str) -> tuple[str, type, dict]:
@@ -159,10 +142,11 @@ def run_benchmark(
     target: BenchTarget,
     samplers: Sequence[str] | None = None,
     nfes: Sequence[int] = DEFAULT_NFE,
-    num_samples: int = 500,
-    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    num_samples: int,
+    seeds: Sequence[int],
     progress: bool = True,
-    reference_samples: int | None = 128,
+    reference_samples: int | None = REFERENCE_SAMPLES,
 ) -> list[dict]:
     """One row per (sampler, NFE, seed): mse to the reference, fd (or None), nfe actually used, ms per sample.
 
@@ -319,3 +303,74 @@ def plot_summary(summary: list[dict], fd_floors: dict | None, name: str, fd_name
     fig.tight_layout(rect=(0, 0.22, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@dataclass
+class BenchConfig:
+    """Options of ``diffalign bench``: which model, samplers, NFE grid and seeds, and where the outputs go."""
+
+    model: str = option(
+        "digits",
+        "embedded 'digits' (small UNet, FD-digits) or 'gmm' (analytic, exact reference), or a diffusers pipeline "
+        "folder / hub id",
+    )
+    samplers: list[str] | None = option(None, "names or 'name:key=value,...'; None: ours + diffusers'")
+    nfe: list[int] = option(DEFAULT_NFE, "NFE grid")
+    num_samples: int = option(400, "samples per seed")
+    seeds: list[int] = option((0, 1), "starting-noise seeds")
+    reference_samples: int = option(REFERENCE_SAMPLES, "samples per seed solved accurately for the ODE error")
+    out: str = option("bench_out", "output folder")
+    prompts: list[str] | None = option(None, "prompts for text-conditioned pipelines (repeated over the batch)")
+    guidance_scale: float = option(DEFAULT_GUIDANCE, "CFG scale for text pipelines")
+    device: str = option("cpu", "device for pipeline models (the embedded ones run on CPU)")
+    fid: Literal["default", "inception"] = option(
+        "default", "'default': FD-digits on digits, none elsewhere; 'inception': real FID for pipeline models"
+    )
+    inception_weights: str | None = option(None, "torch-fidelity pt_inception-2015-12-05 weights file (offline)")
+    fid_stats: str | None = option(
+        None, "real-data Inception statistics: .npz with 'mu' (2048,), 'sigma' (2048, 2048)"
+    )
+    attention: str | None = option(
+        None,
+        "attention backend for UNet models: default, sdpa, sdpa:flash|efficient|cudnn|math, xformers, fused, "
+        "fused:<kernel> (see diffalign.kernels); None: leave the model's own",
+    )
+    quiet: bool = option(False, "no progress bar")
+
+    def __post_init__(self):
+        validate_choices(self)
+        if min(self.nfe) < 1:
+            raise ValueError(f"--nfe must be >= 1, got {self.nfe}")
+        if self.fid == "inception" and self.model in EMBEDDED:
+            raise ValueError(
+                "--fid inception applies to diffusers pipelines; the embedded models use FD-digits / none."
+            )
+        if self.attention is not None:
+            if self.model == "gmm":
+                raise ValueError(
+                    "--attention applies to UNet models (digits, diffusers pipelines); 'gmm' has no attention."
+                )
+            from ..kernels.backends import parse_backend
+
+            parse_backend(self.attention)
+
+
+def run_bench(config: BenchConfig, command: str | None = None) -> dict[str, Path]:
+    """Load ``config.model``, run every sampler at every NFE and seed, write the outputs (``command`` in the meta)."""
+    kwargs = dict(attention=config.attention, prompts=config.prompts, guidance_scale=config.guidance_scale)
+    if config.model not in EMBEDDED:
+        kwargs.update(device=config.device)
+        if config.fid == "inception":
+            kwargs.update(inception_weights=config.inception_weights, fid_stats=config.fid_stats)
+    target = load_target(config.model, **kwargs)
+    rows = run_benchmark(
+        target,
+        config.samplers,
+        config.nfe,
+        num_samples=config.num_samples,
+        seeds=config.seeds,
+        progress=not config.quiet,
+        reference_samples=config.reference_samples,
+    )
+    meta = dict(command=command, num_samples=config.num_samples, seeds=config.seeds, nfe=config.nfe)
+    return write_outputs(rows, target, config.out, meta)

@@ -8,6 +8,7 @@ distance to it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -18,16 +19,31 @@ import torch  # noqa: E402
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
+from ..models.gmm import GMM_SCHEDULER_DIR, GaussianMixture  # noqa: E402
+from ..options import option  # noqa: E402
 from ..samplers import SCHEDULERS, swap_scheduler  # noqa: E402
 from ..samplers.side_info import SideInfoMixin  # noqa: E402
-from .bench_targets import GMM_SCHEDULER_DIR  # noqa: E402
-from .gmm import GaussianMixture  # noqa: E402
 
 BASELINES = {"diffusers DDIM": DDIMScheduler, "diffusers DPMSolverMultistep": DPMSolverMultistepScheduler}
 
 
-def run_sample_demo(out: str | Path, nfe: int = 6, num_images: int = 8, seed: int = 0) -> list[tuple[str, float]]:
-    """Write the grid to ``out`` and return ``[(scheduler name, RMS error to the exact ODE solution), ...]``."""
+@dataclass
+class SampleConfig:
+    """Options of ``diffalign sample``."""
+
+    out: str = option("diffalign_samples.png", "PNG file to write")
+    nfe: int = option(6, "model evaluations per sample")
+    num_images: int = option(8, "samples per scheduler")
+    seed: int = option(0, "seed of the starting noise")
+
+    def __post_init__(self):
+        if self.nfe < 1:
+            raise ValueError(f"--nfe must be >= 1, got {self.nfe}")
+
+
+def run_sample_demo(config: SampleConfig) -> list[tuple[str, float]]:
+    """Write the grid to ``config.out``; returns ``[(scheduler name, RMS error to the exact ODE solution), ...]``."""
+    out, nfe, num_images, seed = config.out, config.nfe, config.num_images, config.seed
     gmm = GaussianMixture.from_digits()
     # linspace: every sampler starts at t = 999, where the exact solution starts (diffusers' default "leading" grid
     # would start lower); it is also the grid the shipped v3 statistics and DC-Solver ratios were made for

@@ -8,8 +8,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from tiny_pipelines import make_sd_pipeline, make_sdxl_pipeline
 
-from diffalign.pipelines.bench_targets import gmm_target, load_target
-from diffalign.pipelines.benchmark import (
+from diffalign.evaluation.benchmark import (
     default_samplers,
     parse_sampler,
     run_benchmark,
@@ -17,6 +16,7 @@ from diffalign.pipelines.benchmark import (
     summarize,
     write_outputs,
 )
+from diffalign.evaluation.targets import gmm_target, load_target
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_bad_model_paths_get_clear_errors(tmp_path):
 
 
 def test_inception_fid_needs_the_users_files(tmp_path):
-    from diffalign.pipelines.inception import inception_extractor, load_fid_stats
+    from diffalign.evaluation.inception import inception_extractor, load_fid_stats
 
     with pytest.raises(FileNotFoundError, match="--inception-weights .* does not exist"):
         inception_extractor(tmp_path / "missing.pth")
@@ -127,7 +127,7 @@ def test_digits_bench_separates_ddim_from_dpm_solver_pp():
 
     Measured with 400 samples: MSE 1.0e-2 vs 5.1e-3, FD-digits 19.2 vs 4.3.
     """
-    from diffalign.pipelines.digits_bench import digits_target
+    from diffalign.evaluation.targets import digits_target
 
     torch.set_num_threads(1)
     target = digits_target(reference_rtol=1e-4)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from diffalign.pipelines.gmm import GaussianMixture
+from diffalign.models.gmm import GaussianMixture
 from diffalign.samplers import DPMSolverPPScheduler
 
 
