@@ -24,7 +24,7 @@ from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.digits_pairs import EVAL_SEED_OFFSET, make_digits_pairs
 from diffalign.alignment.trainer import train
 from diffalign.evaluation.harness import EvalConfig, run_eval
-from diffalign.pipelines.digits import load_digits_pipeline
+from diffalign.models.digits import load_digits_pipeline
 
 COMMON = dict(lora_rank=8, lora_target_modules="to_v,to_out.0,conv1,conv2", progress_bar=False, train_batch_size=16)
 D3PO_CONFIG = dict(method="d3po", learning_rate=3e-5, d3po_num_steps=2, d3po_guidance_scale=1.0, **COMMON)

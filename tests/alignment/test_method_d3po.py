@@ -15,7 +15,7 @@ from diffalign.alignment.methods import D3PO, MethodInputs
 from diffalign.alignment.replay import ReplayBuffer
 from diffalign.alignment.rollout import Rollout, RolloutRequest, sample_rollout, sampling_scheduler
 from diffalign.alignment.trainer import train
-from diffalign.pipelines.digits import load_digits_pipeline
+from diffalign.models.digits import load_digits_pipeline
 
 
 @pytest.fixture(scope="module")
