@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..options import option, parse_args, validate_choices
+from .d3po import D3POOptions
 from .dense_methods import DenseDPOOptions, PatchDPOOptions
 from .methods import METHODS, DPOOptions, get_method, method_options
 from .rankdpo import RankDPOOptions
+from .rollout import RolloutOptions
 from .smpo import SmPOOptions
 
 EMBEDDED_MODEL = "digits-cond"
@@ -128,11 +130,21 @@ class RunOptions:
 
 
 @dataclass
-class TrainConfig(PatchDPOOptions, DenseDPOOptions, RankDPOOptions, SmPOOptions, DPOOptions, RunOptions):
+class TrainConfig(
+    D3POOptions,
+    PatchDPOOptions,
+    DenseDPOOptions,
+    RankDPOOptions,
+    SmPOOptions,
+    DPOOptions,
+    RolloutOptions,
+    RunOptions,
+):
     """Options of one preference-training run: the shared ones, then every registered method's own options."""
 
     def __post_init__(self):
         validate_choices(self)
+        RolloutOptions.__post_init__(self)
         positive = ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps")
         for name in positive:
             if getattr(self, name) < 1:

@@ -11,6 +11,8 @@ subclass that declares
   provider options such as the inversion steps);
 - ``needs_reference``: whether the trainer runs the reference model (no reference forward otherwise);
 - ``online``: whether the trainer calls ``rollout`` before the loss (``rollout.py``);
+- ``needs_errors``: whether the trainer noises the candidates and computes the denoising errors (D3PO trains on
+  step log-probabilities instead and sets it False);
 - ``display``: the metric names the progress bar shows beside the loss;
 
 and implements ``loss(inputs: MethodInputs) -> (loss, metrics)``: the batch (K >= 2 candidates per prompt, stacked
@@ -30,9 +32,10 @@ from typing import ClassVar, Literal
 import torch
 
 from ..options import option
-from .losses import candidate_errors, diffusion_dpo_loss
+from .d3po import D3POOptions, preference_pairs, trajectory_log_probs
+from .losses import candidate_errors, d3po_loss, diffusion_dpo_loss
 from .noise import PROVIDERS, NoiseRequest
-from .rollout import Rollout, RolloutRequest
+from .rollout import Rollout, RolloutRequest, guided, sample_rollout, sampling_scheduler
 
 NoiseKind = Literal["shared", "independent", "inversion"]
 
@@ -43,13 +46,19 @@ class MethodInputs:
 
     batch: dict  # the preference batch (layout_contract.md), after --flip_labels and a rollout's scores
     latents: torch.Tensor  # (B, K, c, h, w) clean candidates x_0 in the UNet's input space
-    timesteps: torch.Tensor  # (B, K)
-    noise: torch.Tensor  # (B, K, c, h, w)
-    policy_errors: torch.Tensor  # (B, K, c, h, w) (model output - target)^2 of the policy, float32, with gradient
+    timesteps: torch.Tensor | None  # (B, K); None unless needs_errors
+    noise: torch.Tensor | None  # (B, K, c, h, w); None unless needs_errors
+    policy_errors: torch.Tensor | None  # (B, K, c, h, w) (model output - target)^2 of the policy, float32, with
+    # gradient; None unless needs_errors
     reference_errors: torch.Tensor | None  # (B, K, c, h, w) of the reference; None unless needs_reference
     rollout: Rollout | None = None  # what rollout() returned, for online methods
     policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # the policy with gradient, as
     # NoiseRequest.unet: (x (K B, c, h, w), t (K B,)) -> output, for losses that need more forwards (log-probs)
+    policy_uncond: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # online methods: the policy
+    # with gradient on the empty prompt (guidance), and the reference (no gradient: LoRA adapters disabled or the
+    # frozen copy) on the prompts and on the empty prompt
+    reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    reference_uncond: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 class PreferenceMethod:
@@ -60,6 +69,7 @@ class PreferenceMethod:
     noise: ClassVar[NoiseKind] = "shared"
     needs_reference: ClassVar[bool] = True
     online: ClassVar[bool] = False
+    needs_errors: ClassVar[bool] = True
     display: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options):
@@ -111,7 +121,59 @@ class DiffusionDPO(PreferenceMethod):
         return diffusion_dpo_loss(policy_w, policy_l, reference_w, reference_l, beta=self.options.beta)
 
 
-METHODS: dict[str, type[PreferenceMethod]] = {"dpo": DiffusionDPO}
+class D3PO(PreferenceMethod):
+    """D3PO (Yang et al., CVPR 2024, ``d3po.py``): online; K trajectories per prompt from one x_T by the current
+    policy, ranked by ``--d3po_reward`` or by human choices (``--d3po_labels``, ``labels.py``): best vs worst, ties
+    dropped, ``--flip_labels`` reverses them. The per-step loss ``losses.d3po_loss`` on the log-ratios of policy to
+    the frozen initial model (LoRA: adapters disabled), both recomputed on the stored steps with the rollout's
+    guidance, averaged over the steps and the B prompts (a tied prompt adds 0, so 1 and N processes agree)."""
+
+    name = "d3po"
+    Options = D3POOptions
+    needs_reference = False  # the reference enters through the step log-probabilities, not denoising errors
+    needs_errors = False
+    online = True
+    display = ("reward", "implicit_accuracy")
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.reward, self.sampler, self.labelled = None, None, None
+
+    def rollout(self, request: RolloutRequest) -> Rollout:
+        options = self.options
+        if options.d3po_labels is not None:  # human labels: the stored trajectories, scored by the choices
+            from .labels import LabelledTrajectories
+
+            self.labelled = self.labelled or LabelledTrajectories(options.d3po_labels)
+            self.sampler = sampling_scheduler(request.scheduler, self.labelled.entries[0]["timesteps"].shape[-1])
+            return self.labelled.rollout(request.batch)
+        if self.reward is None:
+            from ..evaluation.rewards import load_reward
+
+            self.reward = load_reward(options.d3po_reward, device=request.device)
+        self.sampler = sampling_scheduler(request.scheduler, options.d3po_num_steps)
+        request.reward = self.reward.score
+        return sample_rollout(request, options.d3po_num_steps, options.d3po_eta, options.d3po_guidance_scale)
+
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        options, rollout = self.options, inputs.rollout
+        pairs, keep = preference_pairs(inputs.batch["scores"].to(rollout.log_probs.device))  # (B, 2), (B,)
+        scale = options.d3po_guidance_scale
+        policy = guided(inputs.policy, inputs.policy_uncond, scale)
+        logp_policy = trajectory_log_probs(policy, self.sampler, rollout, options.d3po_eta)  # (B, K, T)
+        with torch.no_grad():
+            reference = guided(inputs.reference, inputs.reference_uncond, scale)
+            logp_reference = trajectory_log_probs(reference, self.sampler, rollout, options.d3po_eta)  # (B, K, T)
+        index = pairs[..., None].expand(-1, -1, logp_policy.shape[2])  # (B, 2, T)
+        logp_policy, logp_reference = logp_policy.gather(1, index), logp_reference.gather(1, index)  # (B, 2, T)
+        kept = keep if keep.any() else torch.ones_like(keep)  # all tied: a zero loss that still reaches every weight
+        loss, metrics = d3po_loss(logp_policy[kept], logp_reference[kept], options.d3po_beta, options.d3po_clip_range)
+        loss = loss * keep.float().mean()  # ties add 0 to the mean over the B prompts: the same on any process count
+        metrics.update(reward=rollout.rewards.float().mean(), pairs_kept=keep.float().mean())
+        return loss, metrics
+
+
+METHODS: dict[str, type[PreferenceMethod]] = {"dpo": DiffusionDPO, "d3po": D3PO}
 """Registered preference methods by their ``--method`` name."""
 
 
