@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..options import option, parse_args, validate_choices
-from .methods import METHODS, DPOOptions, get_method, method_options
+from .methods import METHODS, DPOOptions, DROOptions, get_method, method_options
 
 EMBEDDED_MODEL = "digits-cond"
 
@@ -111,7 +111,7 @@ class RunOptions:
 
 
 @dataclass
-class TrainConfig(DPOOptions, RunOptions):
+class TrainConfig(DROOptions, DPOOptions, RunOptions):
     """Options of one preference-training run: the shared ones, then every registered method's own options."""
 
     def __post_init__(self):
