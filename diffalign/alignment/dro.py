@@ -65,7 +65,8 @@ class DROOptions:
         "method dro (Diffusion-DRO)",
     )
     dro_ema_decay: float = option(
-        0.9999, "EMA decay of the policy weights (0 = no EMA); the EMA weights are saved in <output_dir>/ema",
+        0.9999,
+        "EMA decay of the policy weights (0 = no EMA); the EMA weights are saved in <output_dir>/ema",
         "method dro (Diffusion-DRO)",
     )
 
@@ -184,7 +185,8 @@ class DROState:
         if meta["num_parameters"] != len(self.parameters) or (meta["ema_step"] is None) != (self.ema is None):
             raise ValueError(
                 f"checkpoint {folder} holds a DRO state of {meta['num_parameters']} tensors (EMA: "
-                f"{meta['ema_step'] is not None}); this run trains {len(self.parameters)} (EMA: {self.ema is not None})."
+                f"{meta['ema_step'] is not None}); this run trains {len(self.parameters)} (EMA: "
+                f"{self.ema is not None}). Resume with the same --finetune, LoRA options and --dro_ema_decay."
             )
         for i, lagged in enumerate(self.lagged):
             lagged.copy_(tensors[f"lagged.{i}"])

@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 
 from ..options import option
+from .dro import DROOptions, DROState, dro_forward
 from .losses import candidate_errors, diffusion_dpo_loss
 from .noise import PROVIDERS, NoiseRequest
-from .dro import DROOptions, DROState, dro_forward
 from .rollout import Rollout, RolloutRequest
 
 NoiseKind = Literal["shared", "independent", "inversion"]
