@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..options import option, parse_args, validate_choices
+from .d3po import D3POOptions
 from .methods import METHODS, DPOOptions, DROOptions, get_method, method_options
+from .rollout import RolloutOptions
 
 EMBEDDED_MODEL = "digits-cond"
 
@@ -111,11 +113,12 @@ class RunOptions:
 
 
 @dataclass
-class TrainConfig(DROOptions, DPOOptions, RunOptions):
+class TrainConfig(DROOptions, D3POOptions, DPOOptions, RolloutOptions, RunOptions):
     """Options of one preference-training run: the shared ones, then every registered method's own options."""
 
     def __post_init__(self):
         validate_choices(self)
+        RolloutOptions.__post_init__(self)
         positive = ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps")
         for name in positive:
             if getattr(self, name) < 1:

@@ -11,6 +11,8 @@ subclass that declares
   provider options such as the inversion steps);
 - ``needs_reference``: whether the trainer runs the reference model (no reference forward otherwise);
 - ``online``: whether the trainer calls ``rollout`` before the loss (``rollout.py``);
+- ``needs_errors``: whether the trainer noises the candidates and computes the denoising errors (D3PO trains on
+  step log-probabilities instead and sets it False);
 - ``display``: the metric names the progress bar shows beside the loss;
 
 and implements ``loss(inputs: MethodInputs) -> (loss, metrics)``: the batch (K >= 2 candidates per prompt, stacked
@@ -36,10 +38,11 @@ from typing import ClassVar, Literal
 import torch
 
 from ..options import option
+from .d3po import D3POOptions, preference_pairs, trajectory_log_probs
 from .dro import DROOptions, DROState, dro_forward
-from .losses import candidate_errors, diffusion_dpo_loss
+from .losses import candidate_errors, d3po_loss, diffusion_dpo_loss
 from .noise import PROVIDERS, NoiseRequest
-from .rollout import Rollout, RolloutRequest
+from .rollout import Rollout, RolloutRequest, guided, sample_rollout, sampling_scheduler
 
 NoiseKind = Literal["shared", "independent", "inversion"]
 
@@ -50,13 +53,19 @@ class MethodInputs:
 
     batch: dict  # the preference batch (layout_contract.md), after --flip_labels and a rollout's scores
     latents: torch.Tensor  # (B, K, c, h, w) clean candidates x_0 in the UNet's input space
-    timesteps: torch.Tensor  # (B, K)
-    noise: torch.Tensor  # (B, K, c, h, w)
-    policy_errors: torch.Tensor  # (B, K, c, h, w) (model output - target)^2 of the policy, float32, with gradient
+    timesteps: torch.Tensor | None  # (B, K); None unless needs_errors
+    noise: torch.Tensor | None  # (B, K, c, h, w); None unless needs_errors
+    policy_errors: torch.Tensor | None  # (B, K, c, h, w) (model output - target)^2 of the policy, float32, with
+    # gradient; None unless needs_errors
     reference_errors: torch.Tensor | None  # (B, K, c, h, w) of the reference; None unless needs_reference
     rollout: Rollout | None = None  # what rollout() returned, for online methods
     policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # the policy with gradient, as
     # NoiseRequest.unet: (x (K B, c, h, w), t (K B,)) -> output, for losses that need more forwards (log-probs)
+    policy_uncond: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # online methods: the policy
+    # with gradient on the empty prompt (guidance), and the reference (no gradient: LoRA adapters disabled or the
+    # frozen copy) on the prompts and on the empty prompt
+    reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    reference_uncond: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 class PreferenceMethod:
@@ -67,6 +76,7 @@ class PreferenceMethod:
     noise: ClassVar[NoiseKind] = "shared"
     needs_reference: ClassVar[bool] = True
     online: ClassVar[bool] = False
+    needs_errors: ClassVar[bool] = True
     display: ClassVar[tuple[str, ...]] = ()
     min_candidates: ClassVar[int] = 2
     owns_forward: ClassVar[bool] = False
@@ -141,7 +151,6 @@ class DiffusionDRO(PreferenceMethod):
     name = "dro"
     Options = DROOptions
     needs_reference = True
-    online = True
     min_candidates = 1
     owns_forward = True
     display = ("diff", "active_fraction")
@@ -168,7 +177,56 @@ class DiffusionDRO(PreferenceMethod):
                 save(output_dir / "ema")
 
 
-METHODS: dict[str, type[PreferenceMethod]] = {"dpo": DiffusionDPO, "dro": DiffusionDRO}
+class D3PO(PreferenceMethod):
+    """D3PO (Yang et al., CVPR 2024, ``d3po.py``): online; K trajectories per prompt from one x_T by the current
+    policy, ranked by ``--d3po_reward`` (best vs worst, ties dropped, ``--flip_labels`` reverses them); the
+    per-step loss ``losses.d3po_loss`` on the log-ratios of policy to the frozen initial model (LoRA: adapters
+    disabled), both recomputed on the stored steps with the rollout's guidance, averaged over pairs and steps."""
+
+    name = "d3po"
+    Options = D3POOptions
+    needs_reference = False  # the reference enters through the step log-probabilities, not denoising errors
+    needs_errors = False
+    online = True
+    display = ("reward", "implicit_accuracy")
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.reward, self.sampler = None, None
+
+    def rollout(self, request: RolloutRequest) -> Rollout:
+        if self.reward is None:
+            from ..evaluation.rewards import load_reward
+
+            self.reward = load_reward(self.options.d3po_reward, device=request.device)
+        options = self.options
+        self.sampler = sampling_scheduler(request.scheduler, options.d3po_num_steps)
+        request.reward = self.reward.score
+        return sample_rollout(request, options.d3po_num_steps, options.d3po_eta, options.d3po_guidance_scale)
+
+    def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        options, rollout = self.options, inputs.rollout
+        pairs, keep = preference_pairs(inputs.batch["scores"].to(rollout.log_probs.device))  # (B, 2), (B,)
+        scale = options.d3po_guidance_scale
+        policy = guided(inputs.policy, inputs.policy_uncond, scale)
+        logp_policy = trajectory_log_probs(policy, self.sampler, rollout, options.d3po_eta)  # (B, K, T)
+        with torch.no_grad():
+            reference = guided(inputs.reference, inputs.reference_uncond, scale)
+            logp_reference = trajectory_log_probs(reference, self.sampler, rollout, options.d3po_eta)  # (B, K, T)
+        index = pairs[..., None].expand(-1, -1, logp_policy.shape[2])  # (B, 2, T)
+        logp_policy, logp_reference = logp_policy.gather(1, index), logp_reference.gather(1, index)  # (B, 2, T)
+        if keep.any():
+            loss, metrics = d3po_loss(
+                logp_policy[keep], logp_reference[keep], options.d3po_beta, options.d3po_clip_range
+            )
+        else:  # every prompt tied: no preference, a zero loss that still reaches every trained weight
+            loss, metrics = d3po_loss(logp_policy, logp_reference, options.d3po_beta, options.d3po_clip_range)
+            loss = loss * 0
+        metrics.update(reward=rollout.rewards.float().mean(), pairs_kept=keep.float().mean())
+        return loss, metrics
+
+
+METHODS: dict[str, type[PreferenceMethod]] = {"dpo": DiffusionDPO, "d3po": D3PO, "dro": DiffusionDRO}
 """Registered preference methods by their ``--method`` name."""
 
 

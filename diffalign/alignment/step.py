@@ -71,6 +71,7 @@ class PreferenceStep:
     def __init__(self, config, method: PreferenceMethod, backbone, unet, reference, accelerator, weight_dtype):
         self.config, self.method, self.backbone, self.unet = config, method, backbone, unet
         self.reference, self.accelerator, self.weight_dtype = reference, accelerator, weight_dtype
+        self.replay = None  # online methods: the trainer's ReplayBuffer of this process
 
     def encode(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clean candidates (B, K, c, h, w) in the UNet's input space and the prompts' conditioning (B, ...)."""
@@ -107,7 +108,20 @@ class PreferenceStep:
             with adapters_disabled(self.accelerator.unwrap_model(self.unet)) as base:
                 return base(noisy.to(self.weight_dtype), timesteps, **kwargs).sample
 
-    def rollout(self, batch: dict, latents: torch.Tensor, kwargs: dict, epoch: int):
+    def reference_call(self, kwargs: dict):
+        """The reference as ``(x, t) -> output`` without gradient: the frozen copy, or the UNet without adapters."""
+
+        def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.reference_output(x, t, kwargs)
+
+        return call
+
+    def unconditional_kwargs(self, batch: dict, num_candidates: int) -> dict:
+        """UNet keyword arguments of the empty prompt for the K B candidates (classifier-free guidance)."""
+        empty = self.backbone.encode_prompts([""] * len(batch["prompt"]), self.accelerator.device)
+        return self.unet_kwargs(empty, batch["time_ids"][:, :num_candidates])
+
+    def rollout(self, batch: dict, latents: torch.Tensor, kwargs: dict, uncond_kwargs: dict, epoch: int):
         request = RolloutRequest(
             batch=batch,
             latent_shape=tuple(latents.shape),
@@ -116,9 +130,14 @@ class PreferenceStep:
             decode=lambda x: decode_latents(self.backbone, x),
             epoch=epoch,
             seed=self.config.seed,
+            unconditional=self.policy(uncond_kwargs, grad=False),
+            device=self.accelerator.device,
         )
         rollout = self.method.rollout(request)
-        return rollout, dict(batch, scores=rollout.rewards), rollout.latents[:, :, -1].to(latents)
+        if self.replay is not None:
+            self.replay.add(rollout, list(batch["prompt"]), batch["index"], epoch)
+        scores = -rollout.rewards if self.config.flip_labels else rollout.rewards  # (B, K) --flip_labels: reversed
+        return rollout, dict(batch, scores=scores), rollout.latents[:, :, -1].to(latents)
 
     def __call__(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = flip_preferences(batch) if self.config.flip_labels else batch
@@ -131,30 +150,33 @@ class PreferenceStep:
         if self.method.owns_forward:
             return self.method.forward(self, batch, epoch)
         latents, cond = self.encode(batch)  # (B, K, c, h, w), (B, ...)
-        kwargs, rollout = self.unet_kwargs(cond, batch["time_ids"]), None
+        kwargs, rollout, online = self.unet_kwargs(cond, batch["time_ids"]), None, {}
         if self.method.online:
-            rollout, batch, latents = self.rollout(batch, latents, kwargs, epoch)
-        scheduler = self.backbone.noise_scheduler
+            uncond_kwargs = self.unconditional_kwargs(batch, latents.shape[1])
+            rollout, batch, latents = self.rollout(batch, latents, kwargs, uncond_kwargs, epoch)
+            online = dict(
+                policy_uncond=self.policy(uncond_kwargs, grad=True),
+                reference=self.reference_call(kwargs),
+                reference_uncond=self.reference_call(uncond_kwargs),
+            )
+        policy = self.policy(kwargs, grad=True)
+        inputs = MethodInputs(batch, latents, None, None, None, None, rollout, policy, **online)
+        if self.method.needs_errors:
+            self.denoising_errors(inputs, kwargs, epoch)
+        return self.method.loss(inputs)
+
+    def denoising_errors(self, inputs: MethodInputs, kwargs: dict, epoch: int) -> None:
+        """Fill ``inputs`` with the method's timesteps and noise and the (B, K, c, h, w) squared errors of the
+        policy (with gradient) and of the reference (if the method needs it)."""
+        batch, latents, scheduler = inputs.batch, inputs.latents, self.backbone.noise_scheduler
         request = NoiseRequest(latents, batch["index"], epoch, self.config.seed, scheduler, self.policy(kwargs, False))
         timesteps, noise = self.method.noise_provider()(request)  # (B, K), (B, K, c, h, w)
         x0, eps, t = stack_candidates(latents), stack_candidates(noise), stack_candidates(timesteps)  # (K B, ...)
         noisy, target = scheduler.add_noise(x0, eps, t), self.backbone.target(x0, eps, t)
-        reference_errors = None
+        num_candidates = latents.shape[1]
         if self.method.needs_reference:
             reference_errors = squared_errors(self.reference_output(noisy, t, kwargs), target)
-        policy = self.policy(kwargs, grad=True)
-        policy_output = policy(noisy, t)  # (K B, c, h, w)
-        num_candidates = latents.shape[1]
-        if reference_errors is not None:
-            reference_errors = unstack_candidates(reference_errors, num_candidates)  # (B, K, c, h, w)
-        inputs = MethodInputs(
-            batch=batch,
-            latents=latents,
-            timesteps=timesteps,
-            noise=noise,
-            policy_errors=unstack_candidates(squared_errors(policy_output, target), num_candidates),
-            reference_errors=reference_errors,
-            rollout=rollout,
-            policy=policy,
-        )
-        return self.method.loss(inputs)
+            inputs.reference_errors = unstack_candidates(reference_errors, num_candidates)  # (B, K, c, h, w)
+        policy_output = inputs.policy(noisy, t)  # (K B, c, h, w)
+        inputs.timesteps, inputs.noise = timesteps, noise
+        inputs.policy_errors = unstack_candidates(squared_errors(policy_output, target), num_candidates)

@@ -34,6 +34,7 @@ from .config import EMBEDDED_MODEL, TrainConfig
 from .data import collate_preferences, load_preferences
 from .methods import PreferenceMethod, build_method, method_options
 from .models import DTYPES, Backbone, load_backbone
+from .replay import ReplayBuffer, register_process_state
 from .step import PreferenceStep
 
 
@@ -382,6 +383,9 @@ def train(config: TrainConfig) -> TrainResult:
     if config.finetune == "lora":
         lora_hooks(accelerator)
     step = PreferenceStep(config, method, backbone, unet, reference, accelerator, weight_dtype)
+    if method.online:  # each process's rollouts: bounded, and in every checkpoint
+        step.replay = ReplayBuffer(config.rollout_buffer_size)
+        register_process_state(accelerator, "replay", step.replay.state_dict, step.replay.load_state_dict)
     result = TrainResult(Path(config.output_dir))
     history = RunHistory(result.output_dir)
     run = Run(config, accelerator, method, unet, optimizer, lr_scheduler, loader, sampler, step, result, history)
