@@ -84,7 +84,8 @@ def run_dpo(out: Path, num_seeds: int) -> list[dict]:
         train(config)
         seconds = time.perf_counter() - start
         reward = evaluate(out / f"dpo_{samples}", out / f"eval_dpo_{samples}", num_seeds)
-        rows.append(dict(model="DPO (offline pairs)", samples=samples, steps=steps, train_seconds=seconds, reward=reward))
+        row = dict(model="DPO (offline pairs)", samples=samples, steps=steps, train_seconds=seconds)
+        rows.append(dict(row, reward=reward))
     return rows
 
 
