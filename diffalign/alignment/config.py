@@ -110,6 +110,19 @@ class RunOptions:
     tracker_project_name: str = option("diffalign", "project name given to the trackers", "training")
     cpu: bool = option(False, "train on CPU even when a GPU is present", "training")
     progress_bar: bool = option(True, "show a tqdm bar with the metrics", "training")
+    # evaluation (the numbers of `diffalign eval`, logged during training)
+    eval_steps: int = option(
+        0, "every N optimizer steps, score the policy against its base model on the eval prompts (0 = never)", "eval"
+    )
+    eval_prompts: str | None = option(
+        None, "text file with one prompt per line; default for digits-cond: the ten digit prompts", "eval"
+    )
+    eval_rewards: list[str] = option(("digits",), "reward models (diffalign.evaluation.rewards names)", "eval")
+    eval_num_seeds: int = option(4, "seeds per eval prompt", "eval")
+    eval_first_seed: int = option(1_000_000, "first eval seed (held out from training's seeds)", "eval")
+    eval_sampler: str | None = option(None, "eval sampler; default: as `diffalign eval`", "eval")
+    eval_nfe: int | None = option(None, "eval model evaluations per sample; default: as `diffalign eval`", "eval")
+    eval_guidance_scale: float | None = option(None, "eval guidance scale; default: as `diffalign eval`", "eval")
 
 
 @dataclass
@@ -125,8 +138,10 @@ class TrainConfig(DROOptions, D3POOptions, DPOOptions, RolloutOptions, RunOption
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
-        if self.checkpointing_steps < 0 or self.lr_warmup_steps < 0 or self.max_grad_norm < 0:
-            raise ValueError("checkpointing_steps, lr_warmup_steps and max_grad_norm must be >= 0.")
+        if self.checkpointing_steps < 0 or self.lr_warmup_steps < 0 or self.max_grad_norm < 0 or self.eval_steps < 0:
+            raise ValueError("checkpointing_steps, lr_warmup_steps, max_grad_norm and eval_steps must be >= 0.")
+        if self.eval_steps and self.eval_num_seeds < 1:
+            raise ValueError(f"eval_num_seeds must be >= 1 with --eval_steps, got {self.eval_num_seeds}.")
         method_options(get_method(self.method), self)  # the method's options validate themselves
 
 

@@ -40,6 +40,12 @@ class D3POOptions:
         "'name:path'; 'digits' is the embedded classifier of digits-cond, e.g. 'pickscore' for SD)",
         GROUP,
     )
+    d3po_labels: str | None = option(
+        None,
+        "human labels (labels.jsonl of an export_for_labelling folder): train on those stored trajectories and "
+        "choices instead of sampling (with --dataset FOLDER --jsonl_name trajectories.jsonl)",
+        GROUP,
+    )
 
     def __post_init__(self):
         if self.d3po_beta <= 0:

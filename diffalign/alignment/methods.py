@@ -179,9 +179,10 @@ class DiffusionDRO(PreferenceMethod):
 
 class D3PO(PreferenceMethod):
     """D3PO (Yang et al., CVPR 2024, ``d3po.py``): online; K trajectories per prompt from one x_T by the current
-    policy, ranked by ``--d3po_reward`` (best vs worst, ties dropped, ``--flip_labels`` reverses them); the
-    per-step loss ``losses.d3po_loss`` on the log-ratios of policy to the frozen initial model (LoRA: adapters
-    disabled), both recomputed on the stored steps with the rollout's guidance, averaged over pairs and steps."""
+    policy, ranked by ``--d3po_reward`` or by human choices (``--d3po_labels``, ``labels.py``): best vs worst, ties
+    dropped, ``--flip_labels`` reverses them. The per-step loss ``losses.d3po_loss`` on the log-ratios of policy to
+    the frozen initial model (LoRA: adapters disabled), both recomputed on the stored steps with the rollout's
+    guidance, averaged over pairs and steps."""
 
     name = "d3po"
     Options = D3POOptions
@@ -192,14 +193,20 @@ class D3PO(PreferenceMethod):
 
     def __init__(self, options):
         super().__init__(options)
-        self.reward, self.sampler = None, None
+        self.reward, self.sampler, self.labelled = None, None, None
 
     def rollout(self, request: RolloutRequest) -> Rollout:
+        options = self.options
+        if options.d3po_labels is not None:  # human labels: the stored trajectories, scored by the choices
+            from .labels import LabelledTrajectories
+
+            self.labelled = self.labelled or LabelledTrajectories(options.d3po_labels)
+            self.sampler = sampling_scheduler(request.scheduler, self.labelled.entries[0]["timesteps"].shape[-1])
+            return self.labelled.rollout(request.batch)
         if self.reward is None:
             from ..evaluation.rewards import load_reward
 
             self.reward = load_reward(self.options.d3po_reward, device=request.device)
-        options = self.options
         self.sampler = sampling_scheduler(request.scheduler, options.d3po_num_steps)
         request.reward = self.reward.score
         return sample_rollout(request, options.d3po_num_steps, options.d3po_eta, options.d3po_guidance_scale)

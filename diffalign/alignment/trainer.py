@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .checkpoints import RESUME_KEYS, RunHistory, find_checkpoint, lora_hooks, read_checkpoint, save_checkpoint
 from .config import EMBEDDED_MODEL, TrainConfig
 from .data import collate_preferences, load_preferences
+from .eval_hook import TrainingEvaluator
 from .methods import PreferenceMethod, build_method, method_options
 from .models import DTYPES, Backbone, load_backbone
 from .replay import ReplayBuffer, register_process_state
@@ -259,6 +260,7 @@ class Run:
     history: RunHistory
     run_config: dict = field(default_factory=dict)  # what checkpoints record and a resume must match
     resume_keys: tuple[str, ...] = ()
+    evaluator: TrainingEvaluator | None = None  # --eval_steps, main process only
 
     @property
     def output_dir(self) -> Path:
@@ -310,6 +312,8 @@ def end_step(run: Run, sums: dict[str, torch.Tensor], bar) -> None:
     logs = {key: accelerator.reduce(value.reshape(1), "mean").item() for key, value in sums.items()}
     logs["skipped"] = int(logs["skipped"] * accelerator.num_processes * config.gradient_accumulation_steps + 0.5)
     logs["lr"] = run.lr_scheduler.get_last_lr()[0]
+    if config.eval_steps and result.global_step % config.eval_steps == 0:
+        logs.update(evaluation(run))
     result.history.append({"step": result.global_step, **logs})
     result.skipped_pairs += logs["skipped"]
     if accelerator.is_main_process:
@@ -321,6 +325,14 @@ def end_step(run: Run, sums: dict[str, torch.Tensor], bar) -> None:
         save_checkpoint(
             accelerator, run.output_dir, result.global_step, config.checkpoints_total_limit, run.run_config
         )
+
+
+def evaluation(run: Run) -> dict[str, float]:
+    """``--eval_steps``: the policy scored against its base on the main process (the others wait) -> metrics."""
+    accelerator = run.accelerator
+    metrics = run.evaluator(accelerator.unwrap_model(run.unet)) if run.evaluator is not None else {}
+    accelerator.wait_for_everyone()
+    return metrics
 
 
 def train_loop(run: Run) -> None:
@@ -392,6 +404,8 @@ def train(config: TrainConfig) -> TrainResult:
     run.run_config = dict(dataclasses.asdict(config), num_processes=accelerator.num_processes)
     run.resume_keys = RESUME_KEYS + tuple(dataclasses.asdict(method_options(type(method), config)))
     method.attach(accelerator, accelerator.unwrap_model(unet))
+    if config.eval_steps and accelerator.is_main_process:
+        run.evaluator = TrainingEvaluator(config, backbone, reference, accelerator.device)
     result.global_step = resume(run)
     if accelerator.is_main_process:
         run.history.start(result.global_step)

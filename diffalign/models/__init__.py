@@ -1,0 +1,1 @@
+"""Models: the embedded digits models, the Gaussian mixture, and loading by name."""
