@@ -36,7 +36,7 @@ COMMON = dict(
 )
 """Options of both methods (the LoRA and learning rate of the Diffusion-DPO demo, a batch of 16)."""
 DPO_CONFIG = dict(beta=500.0, checkpointing_steps=0)
-STAGES = (15, 30, 60)
+STAGES = (15, 30, 60, 120)
 """DRO steps at which both methods are compared (x 16 = policy samples drawn / images DPO trains on)."""
 
 
