@@ -27,7 +27,7 @@ from diffalign.evaluation.harness import EvalConfig, run_eval
 from diffalign.pipelines.digits import load_digits_pipeline
 
 COMMON = dict(lora_rank=8, lora_target_modules="to_v,to_out.0,conv1,conv2", progress_bar=False, train_batch_size=16)
-D3PO_CONFIG = dict(method="d3po", learning_rate=1e-3, d3po_num_steps=2, d3po_guidance_scale=1.0, **COMMON)
+D3PO_CONFIG = dict(method="d3po", learning_rate=3e-5, d3po_num_steps=2, d3po_guidance_scale=1.0, **COMMON)
 DPO_CONFIG = dict(method="dpo", learning_rate=1e-4, beta=500.0, **COMMON)
 SAMPLES_PER_STEP = 2 * COMMON["train_batch_size"]  # D3PO: 16 prompts x K = 2 trajectories; DPO: 16 pairs
 
@@ -129,8 +129,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_d3po", help="output folder (default: %(default)s)")
-    parser.add_argument("--stages", default="25,50,100", help="optimizer steps at which to evaluate")
-    parser.add_argument("--num-seeds", type=int, default=200, help="held-out seeds per digit (default: %(default)s)")
+    parser.add_argument("--stages", default="25,50", help="optimizer steps at which to evaluate")
+    parser.add_argument("--num-seeds", type=int, default=100, help="held-out seeds per digit (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)

@@ -182,7 +182,7 @@ class D3PO(PreferenceMethod):
     policy, ranked by ``--d3po_reward`` or by human choices (``--d3po_labels``, ``labels.py``): best vs worst, ties
     dropped, ``--flip_labels`` reverses them. The per-step loss ``losses.d3po_loss`` on the log-ratios of policy to
     the frozen initial model (LoRA: adapters disabled), both recomputed on the stored steps with the rollout's
-    guidance, averaged over pairs and steps."""
+    guidance, averaged over the steps and the B prompts (a tied prompt adds 0, so 1 and N processes agree)."""
 
     name = "d3po"
     Options = D3POOptions
@@ -206,7 +206,7 @@ class D3PO(PreferenceMethod):
         if self.reward is None:
             from ..evaluation.rewards import load_reward
 
-            self.reward = load_reward(self.options.d3po_reward, device=request.device)
+            self.reward = load_reward(options.d3po_reward, device=request.device)
         self.sampler = sampling_scheduler(request.scheduler, options.d3po_num_steps)
         request.reward = self.reward.score
         return sample_rollout(request, options.d3po_num_steps, options.d3po_eta, options.d3po_guidance_scale)
@@ -222,13 +222,9 @@ class D3PO(PreferenceMethod):
             logp_reference = trajectory_log_probs(reference, self.sampler, rollout, options.d3po_eta)  # (B, K, T)
         index = pairs[..., None].expand(-1, -1, logp_policy.shape[2])  # (B, 2, T)
         logp_policy, logp_reference = logp_policy.gather(1, index), logp_reference.gather(1, index)  # (B, 2, T)
-        if keep.any():
-            loss, metrics = d3po_loss(
-                logp_policy[keep], logp_reference[keep], options.d3po_beta, options.d3po_clip_range
-            )
-        else:  # every prompt tied: no preference, a zero loss that still reaches every trained weight
-            loss, metrics = d3po_loss(logp_policy, logp_reference, options.d3po_beta, options.d3po_clip_range)
-            loss = loss * 0
+        kept = keep if keep.any() else torch.ones_like(keep)  # all tied: a zero loss that still reaches every weight
+        loss, metrics = d3po_loss(logp_policy[kept], logp_reference[kept], options.d3po_beta, options.d3po_clip_range)
+        loss = loss * keep.float().mean()  # ties add 0 to the mean over the B prompts: the same on any process count
         metrics.update(reward=rollout.rewards.float().mean(), pairs_kept=keep.float().mean())
         return loss, metrics
 
