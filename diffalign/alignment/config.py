@@ -13,7 +13,7 @@ from typing import Literal
 from ..options import option, parse_args, validate_choices
 from .d3po import D3POOptions
 from .dense_methods import DenseDPOOptions, PatchDPOOptions
-from .methods import METHODS, DPOOptions, get_method, method_options
+from .methods import METHODS, DPOOptions, DROOptions, get_method, method_options
 from .rankdpo import RankDPOOptions
 from .rollout import RolloutOptions
 from .smpo import SmPOOptions
@@ -131,6 +131,7 @@ class RunOptions:
 
 @dataclass
 class TrainConfig(
+    DROOptions,
     D3POOptions,
     PatchDPOOptions,
     DenseDPOOptions,

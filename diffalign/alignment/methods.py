@@ -20,6 +20,11 @@ and implements ``loss(inputs: MethodInputs) -> (loss, metrics)``: the batch (K >
 used and the *unreduced* per-element squared errors of the policy and the reference. The method reduces them (per
 candidate, per segment, per patch) with a pure function of ``losses.py``. The metrics dict (scalar tensors) is
 logged as it is. Adding a method = a loss in ``losses.py``, a class here, its name in ``METHODS``.
+
+A method whose step does not fit that flow (Diffusion-DRO: online latents taken mid-trajectory of a lagged copy)
+sets ``owns_forward`` and implements ``forward(step, batch, epoch)`` on the ``PreferenceStep``'s encoders and UNet
+calls; ``attach``, ``after_optimizer_step`` and ``save_final`` let a method keep its own state (a lagged copy, an
+EMA) beside the trainer's; ``min_candidates`` is the K it needs (Diffusion-DRO: 1 expert image).
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 
 from ..options import option
 from .d3po import D3POOptions, preference_pairs, trajectory_log_probs
+from .dro import DROOptions, DROState, dro_forward
 from .losses import candidate_errors, d3po_loss, diffusion_dpo_loss
 from .noise import PROVIDERS, NoiseRequest
 from .rollout import Rollout, RolloutRequest, guided, sample_rollout, sampling_scheduler
@@ -71,6 +78,8 @@ class PreferenceMethod:
     online: ClassVar[bool] = False
     needs_errors: ClassVar[bool] = True
     display: ClassVar[tuple[str, ...]] = ()
+    min_candidates: ClassVar[int] = 2
+    owns_forward: ClassVar[bool] = False
 
     def __init__(self, options):
         self.options = options
@@ -85,6 +94,19 @@ class PreferenceMethod:
     def rollout(self, request: RolloutRequest) -> Rollout:
         """Online methods: sample the policy (contract in ``rollout.py``)."""
         raise NotImplementedError(f"method {self.name!r} is not online; it has no rollout.")
+
+    def forward(self, step, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``owns_forward`` methods: the whole micro-step on a ``PreferenceStep`` -> (loss, metrics)."""
+        raise NotImplementedError(f"method {self.name!r} uses the shared forward (loss), not forward().")
+
+    def attach(self, accelerator, unet: torch.nn.Module) -> None:
+        """Called once with the unwrapped trainable UNet before a resume (register checkpoint hooks here)."""
+
+    def after_optimizer_step(self, global_step: int) -> None:
+        """Called after each optimizer step, before the checkpoint of that step."""
+
+    def save_final(self, output_dir: Path, save) -> None:
+        """Called on the main process after the trained weights are saved; ``save(folder)`` saves the UNet."""
 
 
 @dataclass
@@ -119,6 +141,40 @@ class DiffusionDPO(PreferenceMethod):
         policy_w, policy_l = candidate_errors(inputs.policy_errors).unbind(1)  # (B,), (B,)
         reference_w, reference_l = candidate_errors(inputs.reference_errors).unbind(1)  # (B,), (B,)
         return diffusion_dpo_loss(policy_w, policy_l, reference_w, reference_l, beta=self.options.beta)
+
+
+class DiffusionDRO(PreferenceMethod):
+    """Diffusion-DRO (basiclab/DiffusionDRO): expert images (candidate 0 of each record, K >= 1) against online
+    samples of a lagged policy copy (DPM-Solver++), frozen reference, hinge ``losses.dro_loss``, EMA of the policy
+    (``dro.py``)."""
+
+    name = "dro"
+    Options = DROOptions
+    needs_reference = True
+    min_candidates = 1
+    owns_forward = True
+    display = ("diff", "active_fraction")
+
+    def attach(self, accelerator, unet: torch.nn.Module) -> None:
+        self.state = DROState(self.options, unet)
+
+        def save_hook(models, weights, output_dir):
+            if accelerator.is_main_process:
+                self.state.save(output_dir)
+
+        accelerator.register_save_state_pre_hook(save_hook)
+        accelerator.register_load_state_pre_hook(lambda models, input_dir: self.state.load(input_dir))
+
+    def forward(self, step, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return dro_forward(step, self.state, self.options, batch, epoch)
+
+    def after_optimizer_step(self, global_step: int) -> None:
+        self.state.after_optimizer_step()
+
+    def save_final(self, output_dir: Path, save) -> None:
+        if self.state.ema is not None:
+            with self.state.ema_weights():
+                save(output_dir / "ema")
 
 
 class D3PO(PreferenceMethod):
@@ -173,7 +229,7 @@ class D3PO(PreferenceMethod):
         return loss, metrics
 
 
-METHODS: dict[str, type[PreferenceMethod]] = {"dpo": DiffusionDPO, "d3po": D3PO}
+METHODS: dict[str, type[PreferenceMethod]] = {"dpo": DiffusionDPO, "d3po": D3PO, "dro": DiffusionDRO}
 """Registered preference methods by their ``--method`` name."""
 
 

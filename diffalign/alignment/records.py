@@ -72,8 +72,8 @@ class PreferenceRecord:
     def __post_init__(self):
         if not isinstance(self.prompt, str):
             raise DatasetError(f"a record's prompt must be a string, got {type(self.prompt).__name__}.")
-        if len(self.images) < 2:
-            raise DatasetError(f"a preference record needs K >= 2 images, got {len(self.images)} for {self.prompt!r}.")
+        if len(self.images) < 1:
+            raise DatasetError(f"a record needs K >= 1 images (methods state their K), got none for {self.prompt!r}.")
         for name in ("scores", "weight_maps"):
             values = getattr(self, name)
             if values is not None and len(values) != len(self.images):

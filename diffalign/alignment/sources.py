@@ -4,6 +4,7 @@
 JSONL folder (default file name ``pairs.jsonl``), one object per line, paths relative to the folder::
 
     {"prompt": str, "chosen": path, "rejected": path}                       # a pair: K = 2, chosen first
+    {"prompt": str, "image": path}                                          # one image: K = 1 (Diffusion-DRO)
     {"prompt": str, "images": [path, ...],                                  # K >= 2 candidates
      "scores": [float, ...],          # optional, one per image, higher = better (else: images best first)
      "weight_maps": [path, ...],      # optional, one per image: PNG / JPEG / .npy / .safetensors
@@ -45,7 +46,9 @@ def jsonl_record(entry: dict, where: str) -> PreferenceRecord:
     """A ``PreferenceRecord`` from one JSONL object (either format of the module docstring)."""
     if "prompt" not in entry:
         raise DatasetError(f"{where} lacks the key 'prompt'; it has {sorted(entry)}.")
-    if "images" in entry:
+    if "image" in entry:  # one image (an expert demonstration, K = 1)
+        images = [entry["image"]]
+    elif "images" in entry:
         images = entry["images"]
         if not isinstance(images, list):
             raise DatasetError(f"{where}: 'images' must be a list of image paths, got {type(images).__name__}.")

@@ -141,6 +141,14 @@ class PreferenceStep:
 
     def __call__(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = flip_preferences(batch) if self.config.flip_labels else batch
+        num_candidates = batch["time_ids"].shape[1]
+        if num_candidates < self.method.min_candidates:
+            raise ValueError(
+                f"method {self.method.name!r} needs K >= {self.method.min_candidates} candidates per record; this "
+                f"dataset has K = {num_candidates}. Use pair or ranked data for it."
+            )
+        if self.method.owns_forward:
+            return self.method.forward(self, batch, epoch)
         latents, cond = self.encode(batch)  # (B, K, c, h, w), (B, ...)
         kwargs, rollout, online = self.unet_kwargs(cond, batch["time_ids"]), None, {}
         if self.method.online:

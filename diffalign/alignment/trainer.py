@@ -312,6 +312,7 @@ def end_step(run: Run, sums: dict[str, torch.Tensor], bar) -> None:
     """After an optimizer step: average the metrics over processes, log and append them, checkpoint when due."""
     accelerator, config, result = run.accelerator, run.config, run.result
     result.global_step += 1
+    run.method.after_optimizer_step(result.global_step)
     logs = {key: accelerator.reduce(value.reshape(1), "mean").item() for key, value in sums.items()}
     logs["skipped"] = int(logs["skipped"] * accelerator.num_processes * config.gradient_accumulation_steps + 0.5)
     logs["lr"] = run.lr_scheduler.get_last_lr()[0]
@@ -374,6 +375,7 @@ def finish(run: Run, backbone: Backbone) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(run.config, backbone, result.unet, run.output_dir)
+        run.method.save_final(run.output_dir, lambda folder: save_final(run.config, backbone, result.unet, folder))
         history = run.history.read()
         skipped = sum(line.get("skipped", 0) for line in history)
         summary = dict(config=run.run_config, history=history, skipped_records=skipped)
@@ -405,6 +407,7 @@ def train(config: TrainConfig) -> TrainResult:
     run = Run(config, accelerator, method, unet, optimizer, lr_scheduler, loader, sampler, step, result, history)
     run.run_config = dict(dataclasses.asdict(config), num_processes=accelerator.num_processes)
     run.resume_keys = RESUME_KEYS + tuple(dataclasses.asdict(method_options(type(method), config)))
+    method.attach(accelerator, accelerator.unwrap_model(unet))
     if config.eval_steps and accelerator.is_main_process:
         run.evaluator = TrainingEvaluator(config, backbone, reference, accelerator.device)
     result.global_step = resume(run)

@@ -1,0 +1,181 @@
+"""Diffusion-DRO on the shared trainer: the online samples and their targets, the lagged copy, EMA, clipping,
+resume, full fine-tuning and a one-step run on the tiny SDXL pipeline."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffalign.alignment.config import TrainConfig
+from diffalign.alignment.digits_experts import EXPERTS_JSONL, make_digits_experts
+from diffalign.alignment.dro import DROOptions, DROState, sample_online
+from diffalign.alignment.trainer import train
+from diffalign.models.digits import build_scheduler
+
+
+@pytest.fixture(scope="module")
+def experts_dir(tmp_path_factory):
+    return make_digits_experts(tmp_path_factory.mktemp("experts"), max_images=32)
+
+
+def config(tmp_path, experts_dir, name: str, **overrides) -> TrainConfig:
+    options = dict(
+        method="dro",
+        dataset=str(experts_dir),
+        jsonl_name=EXPERTS_JSONL,
+        output_dir=str(tmp_path / name),
+        train_batch_size=4,
+        max_train_steps=2,
+        learning_rate=1e-2,
+        dro_sample_steps=4,
+        checkpointing_steps=0,
+        progress_bar=False,
+    )
+    return TrainConfig(**(options | overrides))
+
+
+def test_sample_online_keeps_each_samples_step_and_output():
+    scheduler_config = build_scheduler().config
+    x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    unet = lambda x, t: 0.3 * x + t.float()[:, None, None, None] / 1000  # noqa: E731
+    full_x, full_t, full_out = [], [], []
+    for j in range(5):  # the whole trajectory step by step, every sample at step j
+        x, t, out = sample_online(unet, scheduler_config, x_T, torch.full((3,), j), 5)
+        full_x.append(x), full_t.append(t), full_out.append(out)
+    steps = torch.tensor([4, 0, 2])
+    x, t, out = sample_online(unet, scheduler_config, x_T, steps, 5)
+    for b, j in enumerate(steps.tolist()):
+        torch.testing.assert_close(x[b], full_x[j][b], rtol=0, atol=0)
+        torch.testing.assert_close(out[b], unet(full_x[j][b : b + 1], full_t[j][b : b + 1])[0], rtol=0, atol=0)
+    assert full_t[0][0] > full_t[4][0] and torch.equal(x[1], x_T[1])  # step 0 is x_T at the largest timestep
+
+
+def test_lagged_weights_swap_in_and_restore():
+    unet = torch.nn.Linear(3, 2)
+    state = DROState(DROOptions(dro_refresh_steps=2, dro_ema_decay=0.5), unet)
+    before = [p.detach().clone() for p in unet.parameters()]
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(1.0)
+    with state.lagged_weights():
+        assert all(torch.equal(p, b) for p, b in zip(unet.parameters(), before, strict=True))
+    assert all(torch.equal(p, b + 1) for p, b in zip(unet.parameters(), before, strict=True))
+    for _ in range(3):  # micro-steps 0, 1, 2: the refresh before micro-step 2 copies the policy
+        state.start_micro_step()
+    assert all(torch.equal(lag, b + 1) for lag, b in zip(state.lagged, before, strict=True))
+
+
+def test_first_step_is_the_margin_and_the_online_target_is_the_lagged_output(tmp_path, experts_dir):
+    result = train(config(tmp_path, experts_dir, "first", max_train_steps=2, dro_refresh_steps=1))
+    first = result.history[0]
+    # LoRA starts as the reference (B = 0): every excess is 0 and the hinge gives the margin
+    assert first["loss"] == pytest.approx(1e-3, abs=1e-9) and first["active_fraction"] == 1.0
+    # the policy is the lagged copy (refreshed before every micro-step): its error on the copy's own output is 0
+    assert all(h["online_error"] < 1e-10 for h in result.history)
+    assert first["expert_error"] > 1e-3
+
+
+def test_clipping_bounds_the_total_gradient_norm(tmp_path, experts_dir, monkeypatch):
+    from accelerate import Accelerator
+
+    norms = {"before": [], "after": []}
+    clip, step = Accelerator.clip_grad_norm_, torch.optim.AdamW.step
+
+    def recording_clip(self, parameters, max_norm, norm_type=2):
+        norms["before"].append(float(clip(self, parameters, max_norm, norm_type)))
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms["after"].append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", recording_clip)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    max_norm = 1e-6
+    train(config(tmp_path, experts_dir, "clip", max_train_steps=3, max_grad_norm=max_norm))
+    assert len(norms["after"]) == 3 and min(norms["before"]) > 10 * max_norm  # the clip had work to do
+    assert max(norms["after"]) <= max_norm * (1 + 1e-4)
+
+
+def test_resume_continues_the_same_run_with_the_lagged_copy_and_ema(tmp_path, experts_dir):
+    common = dict(max_train_steps=5, dro_refresh_steps=2, dro_ema_decay=0.9, checkpointing_steps=3)
+    whole = train(config(tmp_path, experts_dir, "whole", **common))
+    checkpoint = tmp_path / "whole" / "checkpoint-3"
+    state = load_file(str(checkpoint / "dro_state.safetensors"))
+    assert {k.split(".")[0] for k in state} == {"lagged", "ema"}
+    train(config(tmp_path, experts_dir, "resumed", **(common | {"max_train_steps": 3})))
+    resumed = train(config(tmp_path, experts_dir, "resumed", **common, resume_from_checkpoint="latest"))
+    assert [h["step"] for h in resumed.history] == [4, 5]
+    for a, b in zip(whole.history[3:], resumed.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-9)
+        assert a["online_error"] == pytest.approx(b["online_error"], rel=1e-4, abs=1e-12)
+    for folder in ("", "ema"):
+        final_a = load_file(str(tmp_path / "whole" / folder / "pytorch_lora_weights.safetensors"))
+        final_b = load_file(str(tmp_path / "resumed" / folder / "pytorch_lora_weights.safetensors"))
+        for key in final_a:
+            torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-5, atol=1e-7)
+    ema = load_file(str(tmp_path / "whole" / "ema" / "pytorch_lora_weights.safetensors"))
+    raw = load_file(str(tmp_path / "whole" / "pytorch_lora_weights.safetensors"))
+    assert any((ema[k] - raw[k]).abs().max() > 1e-6 for k in raw)  # the EMA lags behind the policy
+
+
+def test_full_finetuning_keeps_a_lagged_copy_of_every_weight(tmp_path, experts_dir):
+    result = train(config(tmp_path, experts_dir, "full", finetune="full", learning_rate=1e-4, checkpointing_steps=2))
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    state = load_file(str(tmp_path / "full" / "checkpoint-2" / "dro_state.safetensors"))
+    num_weights = sum(1 for p in result.unet.parameters())
+    assert sum(k.startswith("lagged.") for k in state) == num_weights == sum(k.startswith("ema.") for k in state)
+    assert (tmp_path / "full" / "ema" / "model_index.json").is_file()
+
+
+def test_pair_methods_refuse_single_image_records(tmp_path, experts_dir):
+    with pytest.raises(ValueError, match="needs K >= 2 candidates"):
+        train(config(tmp_path, experts_dir, "dpo", method="dpo", max_train_steps=1))
+
+
+def test_one_dro_step_on_the_tiny_sdxl_pipeline(tmp_path):
+    spec = importlib.util.spec_from_file_location("sd_tests", Path(__file__).with_name("test_trainer_sd.py"))
+    sd_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sd_tests)
+    sd_tests.tiny.make_sdxl_pipeline(tmp_path)
+    dataset = sd_tests.write_pickapic(tmp_path / "data.parquet")  # pairs: the preferred image is the expert
+    result = train(
+        TrainConfig(
+            method="dro",
+            pretrained_model_name_or_path=str(tmp_path / "sdxl"),
+            dataset=str(dataset),
+            output_dir=str(tmp_path / "out"),
+            train_batch_size=2,
+            max_train_steps=1,
+            dro_sample_steps=2,
+            checkpointing_steps=1,
+            progress_bar=False,
+        )
+    )
+    assert result.history[0]["loss"] == pytest.approx(1e-3, abs=1e-9)
+    assert (tmp_path / "out" / "checkpoint-1" / "dro_state.safetensors").is_file()
+    assert (tmp_path / "out" / "ema" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path, experts_dir):
+    """Global batch 8 on 2 processes and on 1: the same losses and the same final EMA (each process draws its
+    records' x_T, step and noise from the records' seeds; the lagged copy and EMA are the same on both)."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location("mp_tests", Path(__file__).with_name("test_multiprocess.py"))
+    mp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mp)
+    args = ["-m", "diffalign.train", "--method", "dro", "--dataset", str(experts_dir), "--jsonl_name", EXPERTS_JSONL]
+    args += ["--dro_sample_steps", "4", "--dro_refresh_steps", "2", "--dro_ema_decay", "0.9", "--max_train_steps", "4"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    mp.run([sys.executable, *args, "--train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
+    mp.run(launcher + [str(mp.free_port()), *args, "--train_batch_size", "4", "--output_dir", str(tmp_path / "two")])
+    assert mp.history(tmp_path / "two") == pytest.approx(mp.history(tmp_path / "one"), rel=1e-4, abs=1e-8)
+    ema_one = load_file(str(tmp_path / "one" / "ema" / "pytorch_lora_weights.safetensors"))
+    ema_two = load_file(str(tmp_path / "two" / "ema" / "pytorch_lora_weights.safetensors"))
+    for key in ema_one:  # Adam magnifies the all-reduce's rounding on tiny gradients: measured max 1.9e-5
+        torch.testing.assert_close(ema_two[key], ema_one[key], rtol=1e-4, atol=1e-4)
