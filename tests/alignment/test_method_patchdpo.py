@@ -24,7 +24,7 @@ from diffalign.alignment.patch_quality import (
 from diffalign.alignment.trainer import train
 
 _spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "pipelines" / "tiny_pipelines.py"
+    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
 )
 tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tiny)
