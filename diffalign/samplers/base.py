@@ -174,6 +174,11 @@ class VPScheduler(SchedulerMixin):
             times = times[:-1]
         self._set_grid(times, rhos, integer_times, device)
 
+    def _grid_name(self) -> str:
+        """The time grid in one word: the diffusers sigma flag that is set, else the effective ``timestep_spacing``."""
+        flags = ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas")
+        return next((flag for flag in flags if self.config[flag]), None) or self._spacing()
+
     def _sigma_flag(self) -> bool:
         """Whether the grid comes from one of diffusers' sigma flags (not from ``timestep_spacing``)."""
         cfg = self.config

@@ -312,7 +312,7 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
             lower_order_final=bool(cfg.lower_order_final),
             disable_corrector=sorted(int(k) for k in (cfg.disable_corrector or [])),
             dc_order=int(cfg.dc_order),
-            timestep_spacing=self._spacing(),
+            timestep_spacing=self._grid_name(),
             steps_offset=int(cfg.steps_offset),
             final_sigmas_type=cfg.final_sigmas_type,
             sigma_min=cfg.sigma_min,

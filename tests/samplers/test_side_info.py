@@ -137,6 +137,10 @@ def test_dc_ratios_carry_over_when_the_settings_match():
         assert not DCSolverScheduler.from_config(source.config, solver_order=3).ratio_table
     pipe = SimpleNamespace(scheduler=source)
     assert swap_scheduler(pipe, "dc_solver").scheduler.ratio_table == source.ratio_table
+    karras = DCSolverScheduler(use_karras_sigmas=True)  # diffusers' Karras grid is not our timestep_spacing='karras'
+    karras.set_dc_ratios(5, [1.0, 1.0, 1.1, 0.9, 1.05])
+    with pytest.warns(UserWarning, match="not carried.*use_karras_sigmas"):
+        DCSolverScheduler.from_config(karras.config, use_karras_sigmas=False, timestep_spacing="karras")
 
 
 @pytest.mark.parametrize("cls,match", [(DCSolverScheduler, "no compensation ratios"), (DPMSolverV3Scheduler, "EMS")])
