@@ -9,6 +9,7 @@ checks, so that every solver behaves the same at the pipeline boundary. The conf
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -69,14 +70,16 @@ class VPScheduler(LearnedGridMixin, SchedulerMixin):
             )
         if cfg.final_sigmas_type not in FINAL_SIGMAS_TYPES:
             raise ValueError(f"final_sigmas_type={cfg.final_sigmas_type!r}; use one of {FINAL_SIGMAS_TYPES}.")
-        if cfg.use_flow_sigmas or cfg.use_beta_sigmas or cfg.use_dynamic_shifting:
+        if cfg.use_flow_sigmas or cfg.use_dynamic_shifting:
             raise ValueError(
-                f"{type(self).__name__} supports VP schedules only: use_flow_sigmas, use_beta_sigmas and "
-                "use_dynamic_shifting are not implemented. Set them to False, or use timestep_spacing="
+                f"{type(self).__name__} supports VP schedules only: use_flow_sigmas and use_dynamic_shifting "
+                "are not implemented. Set them to False, or use timestep_spacing="
                 "'karras' / 'logSNR' / 'time_uniform' / 'time_quadratic' for other grids."
             )
-        if cfg.use_karras_sigmas + cfg.use_lu_lambdas + cfg.use_exponential_sigmas > 1:
-            raise ValueError("Only one of use_karras_sigmas, use_lu_lambdas, use_exponential_sigmas can be True.")
+        if cfg.use_karras_sigmas + cfg.use_lu_lambdas + cfg.use_exponential_sigmas + cfg.use_beta_sigmas > 1:
+            raise ValueError(
+                "Only one of use_karras_sigmas, use_lu_lambdas, use_exponential_sigmas, use_beta_sigmas can be True."
+            )
         self._spacing()  # validates timestep_spacing
         self.noise_schedule = NoiseScheduleVP.from_config(cfg)
         ac = self.noise_schedule.alphas_cumprod
@@ -95,7 +98,7 @@ class VPScheduler(LearnedGridMixin, SchedulerMixin):
         cfg = self.config
         if cfg.use_karras_sigmas:
             return "karras"
-        if cfg.use_lu_lambdas or cfg.use_exponential_sigmas:  # exponential sigmas = uniform lambda
+        if cfg.use_lu_lambdas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas:  # exponential: uniform lambda
             return "logSNR"
         spacing = cfg.timestep_spacing
         if spacing not in SPACINGS:
@@ -160,6 +163,10 @@ class VPScheduler(LearnedGridMixin, SchedulerMixin):
                     raise ValueError(f"timesteps must lie in [0, {schedule.t_max:g}]; got {model_times.tolist()}.")
                 times = np.concatenate([model_times, [0.0]])
                 integer_times = bool(np.all(model_times == np.round(model_times)))
+            elif self._sigma_flag():
+                times, rhos = self._diffusers_sigma_grid(int(num_inference_steps))
+                self._set_grid(times, rhos, True, device)
+                return
             else:
                 if int(num_inference_steps) < 1:
                     raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
@@ -170,6 +177,50 @@ class VPScheduler(LearnedGridMixin, SchedulerMixin):
                 rhos[-1] = 0.0
             times = times[:-1]
         self._set_grid(times, rhos, integer_times, device)
+
+    def _grid_name(self) -> str:
+        """The time grid in one word: the diffusers sigma flag that is set, else the effective ``timestep_spacing``."""
+        flags = ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas")
+        return next((flag for flag in flags if self.config[flag]), None) or self._spacing()
+
+    def _sigma_flag(self) -> bool:
+        """Whether the grid comes from one of diffusers' sigma flags (not from ``timestep_spacing``)."""
+        cfg = self.config
+        return bool(cfg.use_karras_sigmas or cfg.use_lu_lambdas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas)
+
+    def _diffusers_sigma_grid(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """diffusers' grid for ``use_karras_sigmas`` / ``use_lu_lambdas`` / ``use_exponential_sigmas`` /
+        ``use_beta_sigmas``, exactly: ``times`` (n,) and ``rhos`` (n + 1,).
+
+        diffusers spaces its ``n`` model sigmas from ``sigma_max`` down to ``sigma_min`` inclusive (Karras et al.
+        2022, Eq. 5; uniform in ``log sigma``; or at quantiles of Beta(0.6, 0.6), Lee et al. 2024), evaluates the
+        model at their timesteps rounded to integers while the solver steps between the unrounded sigmas, and ends at
+        0 or repeats the smallest training sigma per ``final_sigmas_type``. Our own ``timestep_spacing='karras'`` /
+        ``'logSNR'`` instead place ``n + 1`` points and evaluate at their exact times (docs/samplers.md).
+        """
+        n, cfg, schedule = num_inference_steps, self.config, self.noise_schedule
+        if n < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {n}.")
+        top, bottom = float(schedule.rho(schedule.t_max)), float(schedule.rho(0.0))
+        if not cfg.use_lu_lambdas:  # diffusers' Karras / exponential / beta grids honour sigma_min / sigma_max
+            top = top if cfg.sigma_max is None else float(cfg.sigma_max)
+            bottom = bottom if cfg.sigma_min is None else float(cfg.sigma_min)
+        ramp = np.linspace(0.0, 1.0, n)
+        if cfg.use_karras_sigmas:
+            rhos = (top ** (1 / 7) + ramp * (bottom ** (1 / 7) - top ** (1 / 7))) ** 7
+        elif cfg.use_beta_sigmas:
+            try:
+                from scipy.stats import beta
+            except ImportError as err:
+                raise ImportError("use_beta_sigmas needs scipy, as in diffusers: `pip install scipy`.") from err
+            rhos = bottom + beta.ppf(1.0 - ramp, 0.6, 0.6) * (top - bottom)
+        else:
+            rhos = np.exp(np.log(top) + ramp * (np.log(bottom) - np.log(top)))
+        # diffusers truncates (instead of rounding) exponential / beta / cosine timesteps in float32, which puts
+        # even sigma_max at t = 998 for 1000 training steps; we round them all (docs/samplers.md)
+        times = np.round(schedule.t_of_lambda(-np.log(rhos)))  # (n,)
+        last = 0.0 if cfg.final_sigmas_type == "zero" else float(schedule.rho(0.0))
+        return times, np.concatenate([rhos, [last]])
 
     def _plan_grid(self, num_inference_steps: int) -> np.ndarray:
         """``n + 1`` decreasing grid times for ``n`` steps; singlestep solvers override it to place stages."""
@@ -205,15 +256,19 @@ class VPScheduler(LearnedGridMixin, SchedulerMixin):
         return sample
 
     def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """Grid index of ``timestep`` (the second match when a timestep repeats, as diffusers does)."""
+        """Grid index of ``timestep`` (the second match when a timestep repeats, as diffusers does; the last index,
+        with a warning, when it is not on the grid, as diffusers does without one)."""
         schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
         t = torch.as_tensor(timestep).to(schedule_timesteps.device).reshape(-1)[0]
         matches = torch.isclose(schedule_timesteps.double(), t.double(), rtol=0.0, atol=1e-4).nonzero()
         if len(matches) == 0:
-            raise ValueError(
-                f"timestep {float(t):g} is not on this scheduler's grid {self.timesteps.tolist()}; pass the "
-                "scheduler's own `timesteps`, or call set_begin_index(i) before starting from a later index."
+            warnings.warn(
+                f"timestep {float(t):g} is not on this scheduler's grid {schedule_timesteps.tolist()}; stepping "
+                "from the last grid point, as diffusers does. Pass the scheduler's own `timesteps`, or call "
+                "set_begin_index(i) to start from a later index.",
+                stacklevel=3,
             )
+            return len(schedule_timesteps) - 1
         return int(matches[1 if len(matches) > 1 else 0])
 
     def _init_step_index(self, timestep) -> None:

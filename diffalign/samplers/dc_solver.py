@@ -12,7 +12,7 @@ polynomial regression (``dc_cpr``), saved beside the scheduler config and loaded
 from __future__ import annotations
 
 import math
-import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from .config import (
     VarianceType,
 )
 from .dc_cpr import CPR_SHAPE, cpr_ratios
-from .side_info import SideInfoMixin, schedule_fingerprint
+from .side_info import SideInfoMixin, schedule_fingerprint, warn_each_time
 from .unipc import SOLVER_TYPES, lagrange_compensation, uni_c_update, uni_p_update
 
 SIDE_INFO_FORMAT = "diffalign.dc_solver/1"
@@ -45,10 +45,11 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
     ``pipe.scheduler = DCSolverScheduler.from_pretrained(folder_with_ratios)`` or ``from_config(...)`` then
     ``load_side_info(folder)``. UniPC keys: ``solver_order``, ``solver_type`` ('bh1' | 'bh2'), ``predict_x0``,
     ``lower_order_final``, ``disable_corrector``. DC keys: ``dc_order`` (Lagrange degree, 1-3), ``guidance_scale``
-    (the CFG scale the pipeline samples with; picks the ratios) and ``model_fingerprint`` (when set, ratios
+    (the CFG scale the pipeline samples with; picks the ratios; a pipeline given to ``follow_pipeline`` supplies the
+    scale of its running call instead) and ``model_fingerprint`` (when set, ratios
     calibrated for another model are refused). At ``set_timesteps(n)`` the ratios are the calibrated ones for
-    ``(n, guidance_scale)`` if present, else the CPR prediction, else 1 (with one warning); ``dc_ratio_source``
-    says which.
+    ``(n, guidance_scale)`` if present, else the CPR prediction, else 1 (with a warning at each ``set_timesteps``);
+    ``dc_ratio_source`` says which.
     """
 
     config_name = "scheduler_config.json"
@@ -118,9 +119,40 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         self.ratio_table: dict[tuple[int, float], list[float]] = {}
         self.cpr_coeffs: np.ndarray | None = None
         self.calibration_info: dict = {}
-        self._warned_fallback = False
         self.dc_ratios: list[float] | None = None
         self.dc_ratio_source = "none"
+        self.dc_guidance_scale: float | None = None  # the guidance the current grid's ratios are for
+        self._pipeline = None  # () -> the followed pipeline (a weak reference), see follow_pipeline
+
+    # ---- guidance -----------------------------------------------------------------------------------------------
+    def set_guidance_scale(self, guidance_scale: float) -> DCSolverScheduler:
+        """Sample at ``guidance_scale`` from now on (the config key, saved with it); returns ``self``. For hand-written
+        loops; a pipeline passed to ``follow_pipeline`` overrides it with the guidance it runs with."""
+        if not math.isfinite(float(guidance_scale)):
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number (1.0 = no guidance).")
+        self.register_to_config(guidance_scale=float(guidance_scale))
+        return self
+
+    def follow_pipeline(self, pipe) -> DCSolverScheduler:
+        """Take the guidance scale from ``pipe`` at every ``set_timesteps``; returns ``self``.
+
+        diffusers' SD / SDXL pipelines record the ``guidance_scale`` of the running call (``pipe.guidance_scale``)
+        before they call ``set_timesteps``, so ``pipe(prompt, guidance_scale=7.5)`` picks the ratios for 7.5.
+        ``swap_scheduler`` does this for you. The pipeline is held by a weak reference.
+        """
+        try:
+            self._pipeline = weakref.ref(pipe)
+        except TypeError:  # an object without weak references: hold it
+            self._pipeline = lambda: pipe
+        return self
+
+    def current_guidance_scale(self) -> float:
+        """The followed pipeline's guidance of its running call (1 when it runs without CFG), else the config's."""
+        pipe = self._pipeline() if self._pipeline is not None else None
+        guidance = getattr(pipe, "guidance_scale", None)  # the property raises before the pipeline's first call
+        if guidance is None:
+            return float(self.config.guidance_scale)
+        return float(guidance) if getattr(pipe, "do_classifier_free_guidance", True) else 1.0
 
     # ---- ratios -------------------------------------------------------------------------------------------------
     def set_dc_ratios(self, nfe: int, ratios, guidance_scale: float | None = None) -> None:
@@ -152,27 +184,36 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         Ratios are calibrated for the default grid of ``n`` steps; custom ``timesteps`` / ``sigmas`` run with 1.
         """
         super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
-        n = self.num_inference_steps
+        n, g = self.num_inference_steps, self.current_guidance_scale()
+        self.dc_guidance_scale = g
         if timesteps is None and sigmas is None:
-            self.dc_ratios, self.dc_ratio_source = self.ratios_for(n)
+            self.dc_ratios, self.dc_ratio_source = self.ratios_for(n, g)
         else:
             self.dc_ratios, self.dc_ratio_source = [1.0] * n, "fallback"
-        nfes = [nfe for nfe, _ in self.ratio_table]
+        nfes, scales = [nfe for nfe, _ in self.ratio_table], [w for _, w in self.ratio_table]
         if self.dc_ratio_source == "cpr" and nfes and not min(nfes) <= n <= max(nfes):
             # a polynomial in NFE is unbounded outside its data: measured ratios of -2 at NFE 30 and -17 at NFE 50
             # (digits ratios from NFE 4-15), which diverge. Outside the range run as UniPC instead.
             self.dc_ratios, self.dc_ratio_source = [1.0] * n, "fallback"
-            warnings.warn(
+            warn_each_time(
                 f"DCSolverScheduler: NFE {n} is outside the calibrated NFE {min(nfes)}-{max(nfes)}, where CPR would "
                 "extrapolate; running with ratios 1 (UniPC). Calibrate this NFE with `diffalign calibrate`.",
                 stacklevel=2,
             )
-        if self.dc_ratio_source == "fallback" and not self._warned_fallback:
-            self._warned_fallback = True
-            warnings.warn(
-                f"DCSolverScheduler has no compensation ratios for NFE {n} at guidance_scale="
-                f"{self.config.guidance_scale} (and no CPR coefficients): running with ratios 1, i.e. as UniPC. "
-                "Calibrate with `diffalign calibrate` and load the folder with from_pretrained / load_side_info.",
+        elif self.dc_ratio_source == "cpr" and scales and not min(scales) - 1e-9 <= g <= max(scales) + 1e-9:
+            # the same for the guidance scale: CPR is quadratic in it
+            self.dc_ratios, self.dc_ratio_source = [1.0] * n, "fallback"
+            warn_each_time(
+                f"DCSolverScheduler: guidance_scale {g:g} is outside the calibrated guidance {min(scales):g}-"
+                f"{max(scales):g}, where CPR would extrapolate; running with ratios 1 (UniPC). Calibrate this "
+                "guidance with `diffalign calibrate`.",
+                stacklevel=2,
+            )
+        elif self.dc_ratio_source == "fallback":
+            warn_each_time(
+                f"DCSolverScheduler has no compensation ratios for NFE {n} at guidance_scale={g:g} (and no CPR "
+                "coefficients): running with ratios 1, i.e. as UniPC. Calibrate with `diffalign calibrate` and load "
+                "the folder with from_pretrained / load_side_info.",
                 stacklevel=2,
             )
 
@@ -271,7 +312,7 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
             lower_order_final=bool(cfg.lower_order_final),
             disable_corrector=sorted(int(k) for k in (cfg.disable_corrector or [])),
             dc_order=int(cfg.dc_order),
-            timestep_spacing=self._spacing(),
+            timestep_spacing=self._grid_name(),
             steps_offset=int(cfg.steps_offset),
             final_sigmas_type=cfg.final_sigmas_type,
             sigma_min=cfg.sigma_min,

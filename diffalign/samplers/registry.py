@@ -43,10 +43,17 @@ def swap_scheduler(pipe, name_or_class: str | type, **overrides):
     """Replace ``pipe.scheduler`` by ``name_or_class`` built from the pipeline's scheduler config; returns ``pipe``.
 
     ``overrides`` change config keys, e.g. ``swap_scheduler(pipe, "dpm_solver_pp", solver_order=3)``. The noise
-    schedule and prediction type always carry over, also into diffusers classes (see ``keep_model_keys``).
+    schedule and prediction type always carry over, also into diffusers classes (see ``keep_model_keys``), and so
+    does the side information (v3's EMS, DC-Solver's ratios) of the replaced scheduler when it fits the new one. A
+    DC-Solver follows the pipeline's guidance scale (``DCSolverScheduler.follow_pipeline``).
     """
     if not hasattr(pipe, "scheduler"):
         raise TypeError(f"{type(pipe).__name__} has no `scheduler` attribute; pass a diffusers pipeline.")
     cls = get_scheduler_class(name_or_class)
-    pipe.scheduler = cls.from_config(keep_model_keys(pipe.scheduler.config), **overrides)
+    scheduler = cls.from_config(keep_model_keys(pipe.scheduler.config), **overrides)
+    if hasattr(scheduler, "carry_side_info"):  # EMS / DC ratios of the replaced scheduler, when they fit
+        scheduler.carry_side_info(pipe.scheduler)
+    if hasattr(scheduler, "follow_pipeline"):  # DC-Solver: the ratios of the guidance the pipeline runs with
+        scheduler.follow_pipeline(pipe)
+    pipe.scheduler = scheduler
     return pipe

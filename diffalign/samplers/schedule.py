@@ -15,6 +15,7 @@ All arithmetic is float64 (numpy); tensors are made at the pipeline boundary.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import get_args
 
@@ -65,10 +66,14 @@ def betas_from_config(
     """
     if trained_betas is not None:
         betas = np.asarray(trained_betas, dtype=np.float32)
-        if betas.ndim != 1 or len(betas) != num_train_timesteps:
-            raise ValueError(
-                f"trained_betas has shape {betas.shape}, expected ({num_train_timesteps},) to match "
-                "num_train_timesteps; pass a 1-D list with one beta per training timestep."
+        if betas.ndim != 1 or len(betas) < 1:
+            raise ValueError(f"trained_betas has shape {betas.shape}; pass a 1-D list with one beta per timestep.")
+        if len(betas) != num_train_timesteps:  # diffusers takes the betas as given; so do we, but say so
+            warnings.warn(
+                f"trained_betas has {len(betas)} entries but num_train_timesteps={num_train_timesteps}; using the "
+                f"{len(betas)} trained betas as the schedule, as diffusers does. Set num_train_timesteps="
+                f"{len(betas)} if that is intended.",
+                stacklevel=2,
             )
     elif beta_schedule == "linear":
         betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float32)

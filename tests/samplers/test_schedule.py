@@ -77,7 +77,9 @@ def test_bad_schedule_inputs_are_named():
     with pytest.raises(ValueError, match="beta_schedule='cosine'"):
         NoiseScheduleVP.from_config(dict(beta_schedule="cosine"))
     with pytest.raises(ValueError, match="trained_betas has shape"):
-        NoiseScheduleVP.from_config(dict(trained_betas=[0.1, 0.2]))
+        NoiseScheduleVP.from_config(dict(trained_betas=[[0.1, 0.2]]))
+    with pytest.warns(UserWarning, match="trained_betas has 2 entries but num_train_timesteps=1000"):
+        assert NoiseScheduleVP.from_config(dict(trained_betas=[0.1, 0.2])).num_train_timesteps == 2
     with pytest.raises(ValueError, match="timestep_spacing='uniform'"):
         time_grid(NoiseScheduleVP.from_config({}), 5, spacing="uniform")
 
