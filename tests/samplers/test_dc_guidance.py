@@ -16,7 +16,7 @@ from diffalign.samplers import DCSolverScheduler, swap_scheduler
 from diffalign.samplers.dc_cpr import fit_cpr
 
 _spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "pipelines" / "tiny_pipelines.py"
+    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
 )
 tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tiny)
