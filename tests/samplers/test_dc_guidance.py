@@ -1,6 +1,6 @@
 """Guidance-aware DC-Solver: the ratios are those of the guidance scale the pipeline actually runs with.
 
-A tiny random SD pipeline (tests/pipelines/tiny_pipelines.py) samples at 4 steps with guidance 3 and 7 after
+A tiny random SD pipeline (tests/tiny_pipelines.py) samples at 4 steps with guidance 3 and 7 after
 ``swap_scheduler``; the scheduler must pick the ratios calibrated for each. CPR is refused outside the calibrated
 guidance range as it is outside the calibrated NFE range.
 """
