@@ -45,7 +45,8 @@ def cond_pipe():
 def test_shipped_assets_are_safetensors_and_json_only():
     files = [p for p in ASSETS_DIR.rglob("*") if p.is_file()]
     assert {p.suffix for p in files} == {".json", ".safetensors"}
-    assert sum(p.stat().st_size for p in files) < 6_000_000  # a few MB in all (4.7 MB shipped)
+    # a few MB per model: 8.7 MB in all (digits, digits-cond and the classifier 4.7 MB, digits-clips 3.5 MB, grids)
+    assert sum(p.stat().st_size for p in files) < 9_500_000
     for path in files:
         if path.suffix == ".safetensors":
             assert load_file(path)  # readable without pickle
