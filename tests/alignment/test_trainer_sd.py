@@ -1,14 +1,12 @@
 """The trainer on tiny random SD / SDXL pipelines from a local Pick-a-Pic parquet file with real PNG bytes."""
 
 import importlib.util
-import io
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from data_fixtures import write_pickapic
 
 from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.trainer import train
@@ -18,30 +16,6 @@ _spec = importlib.util.spec_from_file_location(
 )
 tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tiny)
-
-
-def png_bytes(seed: int, size: tuple[int, int]) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_pickapic(path: Path, num_rows: int = 6, drop: tuple[str, ...] = ()) -> Path:
-    """A Pick-a-Pic-style parquet file; every third row is a tie, images are 80x72 PNGs."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    label_0 = [0.5 if i % 3 == 2 else float(i % 2) for i in range(num_rows)]
-    columns = {
-        "caption": [f"a photo of thing {i}" for i in range(num_rows)],
-        "jpg_0": [png_bytes(2 * i, (80, 72)) for i in range(num_rows)],
-        "jpg_1": [png_bytes(2 * i + 1, (80, 72)) for i in range(num_rows)],
-        "label_0": label_0,
-        "label_1": [1.0 - v for v in label_0],
-    }
-    pq.write_table(pa.table({k: v for k, v in columns.items() if k not in drop}), path)
-    return path
 
 
 @pytest.fixture(scope="module")
