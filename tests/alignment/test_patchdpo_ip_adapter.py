@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -130,7 +131,6 @@ def test_the_reference_image_conditions_the_unet_and_scale_zero_ignores_it(asset
         with torch.no_grad():
             outputs[scale] = backbone.unet(x, t, **backbone.unet_kwargs(cond, None, torch.float32)).sample
     changed = (outputs[1.0][0] - outputs[1.0][1]).abs().max().item()
-    print(f"max |output(ref A) - output(ref B)| = {changed:.4g}")
     assert changed > 1e-3  # another reference image, another prediction
     torch.testing.assert_close(outputs[0.0][0], outputs[0.0][1], atol=1e-5, rtol=0)  # scale 0: the image is unused
 
@@ -169,7 +169,30 @@ def test_one_step_loss_matches_the_hand_computed_weighted_mse_and_reaches_ip_lor
     cross_attention = [name for name in backbone.unet.attn_processors if name.endswith("attn2.processor")]
     assert len(ip_lora) == 2 * len(cross_attention)  # to_k_ip / to_v_ip of every cross-attention layer
     assert min(p.abs().max().item() for p in ip_lora) > 0  # Adam moved every one of them off 0 in one step
-    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    # the saved LoRA loads back into the pipeline once it has the same IP-Adapter (the documented recipe)
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline))
+    pipe.load_ip_adapter(str(adapter), subfolder="models", weight_name=WEIGHT_NAME)
+    pipe.load_lora_weights(str(tmp_path / "run"))
+    reloaded = {n.replace("default_0", "default"): p for n, p in pipe.unet.named_parameters() if "lora_B" in n}
+    assert reloaded.keys() == lora_b.keys()
+    for name, weight in lora_b.items():
+        torch.testing.assert_close(reloaded[name], weight, atol=0, rtol=0)
+
+
+def test_sdxl_gets_the_image_embeds_beside_its_text_embeds_and_time_ids(tmp_path):
+    pipe = tiny.make_sdxl_pipeline(tmp_path)
+    backbone = loaded_backbone(tmp_path / "sdxl", tiny_ip_adapter(tmp_path / "adapter", pipe.unet))
+    generator = torch.Generator().manual_seed(0)
+    references = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator) * 2 - 1  # (2, 3, H, W)
+    cond = backbone.encode_prompts(["a photo", "a photo"], torch.device("cpu"))
+    cond["image_embeds"] = backbone.encode_reference_images(references, torch.device("cpu"))  # (2, 1, D)
+    time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]] * 2, dtype=torch.float32)
+    kwargs = backbone.unet_kwargs(cond, time_ids, torch.float32)
+    assert sorted(kwargs["added_cond_kwargs"]) == ["image_embeds", "text_embeds", "time_ids"]
+    x = torch.randn(1, 4, 32, 32, generator=generator).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        output = backbone.unet(x, torch.tensor([500, 500]), **kwargs).sample  # (2, 4, 32, 32)
+    assert (output[0] - output[1]).abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize(
