@@ -2,7 +2,8 @@
 
 Data: ``diffalign pairs`` samples K = 4 candidates for each of ``--prompts_per_digit`` copies of the ten digit prompts
 (DDIM 2 steps, no guidance) and scores them with the digits reward log p(prompted digit). From those candidates:
-RankDPO trains on all 4 with their scores; Diffusion-DPO and SmPO on the same best-vs-worst pair of each prompt, SmPO
+RankDPO trains on all 4 with their scores (once more with a tie margin of 1e-3 in log p, so that candidates whose
+scores differ by float rounding tie); Diffusion-DPO and SmPO on the same best-vs-worst pair of each prompt, SmPO
 with both scores (its smoothed preference p weights each pair by 2p - 1), once with the paper's DDIM-inversion noise
 and once with Diffusion-DPO's forward noise. Each method is trained with the true preferences and flipped ones
 (``--flip_labels``), the same LoRA, learning rate, batch and number of steps, then evaluated with the eval harness
@@ -44,9 +45,16 @@ METHOD_CONFIG = {
     "SmPO": dict(method="smpo", smpo_beta=50.0, smpo_score_range="digits"),  # beta x 10 x (2p - 1): 500 at p = 1
     "SmPO, forward noise": dict(method="smpo", smpo_beta=50.0, smpo_score_range="digits", smpo_noise="forward"),
     "RankDPO": dict(method="rankdpo", rankdpo_beta=500.0),
+    "RankDPO, tie margin": dict(method="rankdpo", rankdpo_beta=500.0, rankdpo_tie_margin=1e-3),
 }
 """Each method's options: the same beta of a certain pair (500, the Diffusion-DPO demo's)."""
-RUN_NAMES = {"DPO": "dpo", "SmPO": "smpo", "SmPO, forward noise": "smpo_forward", "RankDPO": "rankdpo"}
+RUN_NAMES = {
+    "DPO": "dpo",
+    "SmPO": "smpo",
+    "SmPO, forward noise": "smpo_forward",
+    "RankDPO": "rankdpo",
+    "RankDPO, tie margin": "rankdpo_margin",
+}
 """Output folder of each method's run (``_flipped`` appended for flipped preferences)."""
 
 
@@ -57,7 +65,13 @@ def make_data(out: Path, prompts_per_digit: int) -> dict[str, Path]:
     print(f"diffalign pairs --prompts {prompts} --num_candidates 4 --reward digits --out {out / 'candidates'}")
     candidates = make_pairs(PairsConfig(prompts=str(prompts), num_candidates=4, out=str(out / "candidates")), False)
     best_worst = split_candidates(candidates, out / "best_worst", mode="best_worst")
-    return {"RankDPO": candidates, "SmPO": best_worst, "SmPO, forward noise": best_worst, "DPO": best_worst}
+    return {
+        "RankDPO": candidates,
+        "RankDPO, tie margin": candidates,
+        "SmPO": best_worst,
+        "SmPO, forward noise": best_worst,
+        "DPO": best_worst,
+    }
 
 
 def evaluate(lora: Path, out: Path, num_seeds: int) -> dict:
