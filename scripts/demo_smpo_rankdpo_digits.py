@@ -25,10 +25,10 @@ import torch
 from diffalign.alignment.candidate_pairs import split_candidates
 from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.digits_pairs import EVAL_SEED_OFFSET
-from diffalign.alignment.pairs import DIGITS_PROMPTS, PairsConfig, make_pairs
+from diffalign.alignment.pairs import PairsConfig, make_pairs
 from diffalign.alignment.trainer import train
 from diffalign.evaluation.bootstrap import compare_scores
-from diffalign.evaluation.harness import EvalConfig, run_eval
+from diffalign.evaluation.harness import DIGITS_PROMPTS, EvalConfig, run_eval
 
 DEMO_CONFIG = dict(
     max_train_steps=100,
