@@ -54,6 +54,7 @@ from .side_info import SideInfoMixin, model_fingerprint, schedule_fingerprint, w
 
 GRID_STATS = ("l", "L", "S", "I", "B", "C")  # the EMS arrays a step reads at its grid points
 PSEUDO_ORDER_UP_TO_NFE = 5  # the official CIFAR-10 / EDM settings use pseudo-order predictors at <= 5 steps
+MIN_CELLS_PER_STEP = 4  # fewer EMS cells in a step warn (docs/dpm_solver_v3.md, "Measured": the coarsened grids)
 
 
 def degenerate_high_order(h: float, order: int) -> list[float]:
@@ -116,7 +117,7 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         trained_betas: np.ndarray | list[float] | None = None,
         solver_order: int = 2,
         prediction_type: PredictionType = "epsilon",
-        use_corrector: bool = True,
+        use_corrector: bool = False,
         predictor_pseudo: bool | None = None,
         corrector_pseudo: bool = False,
         half_corrector: bool = False,
@@ -127,7 +128,7 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         final_sigmas_type: FinalSigmasType = "zero",
         lambda_min_clipped: float = -float("inf"),
         variance_type: VarianceType | None = None,
-        timestep_spacing: TimestepSpacing = "linspace",
+        timestep_spacing: TimestepSpacing = "time_quadratic",  # config.OWN_DEFAULTS: chosen by measurement
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
         use_karras_sigmas: bool = False,
@@ -214,7 +215,19 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         if np.any(np.diff(index) <= 0):
             raise ValueError(
                 f"{n} steps do not fit on the EMS grid of {ems.num_grid} points: neighbouring steps snap to the same "
-                "point. Use fewer steps or EMS computed on a finer grid (diffalign ems --grid-size)."
+                "point. Use fewer steps or EMS computed on a finer grid (diffalign ems --grid_size)."
+            )
+        cells = int(np.diff(index).min()) if n > 1 else ems.num_grid
+        if cells < MIN_CELLS_PER_STEP:
+            h_min = float(np.diff(lam).min())
+            needed = math.ceil(MIN_CELLS_PER_STEP * (float(ems.lambdas[-1]) - float(ems.lambdas[0])) / h_min)
+            warn_each_time(
+                f"the EMS grid ({ems.num_grid} points) is too coarse for {n} steps of this grid: its shortest step "
+                f"(lambda {h_min:.3f}) spans {cells} cell(s) of the statistics' grid (spacing {cell:.4f}), fewer than "
+                f"{MIN_CELLS_PER_STEP}, so snapping to it changes step sizes by up to {100 / cells:.0f}% and the "
+                f"integrals are coarse. Compute EMS with at least {needed} grid points (diffalign ems --grid_size "
+                f"{needed}) or use fewer steps.",
+                stacklevel=3,
             )
         snapped = ems.lambdas[index].numpy()
         new_rhos = np.concatenate([np.exp(-snapped), np.zeros(int((~finite).sum()))])

@@ -86,7 +86,9 @@ def test_where_the_fallback_equals_dpm_solver_pp_and_where_not(order, pseudo):
     for n in range(5, 21):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            v3 = DPMSolverV3Scheduler(solver_order=order, use_corrector=False, predictor_pseudo=pseudo)
+            v3 = DPMSolverV3Scheduler(
+                solver_order=order, use_corrector=False, predictor_pseudo=pseudo, timestep_spacing="linspace"
+            )
             a = run(v3, model, x, n)
         b = run(DPMSolverPPScheduler(solver_order=order, solver_type="heun", taylor_third_order=True), model, x, n)
         difference = (a - b).abs().max().item()
