@@ -1,5 +1,6 @@
 """DPM-Solver-v3: fallback = DPM-Solver++, EMS determinism, accuracy where the model is linear, and bad EMS files."""
 
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -8,7 +9,8 @@ import torch
 
 from diffalign.models.gmm import GaussianMixture
 from diffalign.samplers import DPMSolverPPScheduler, DPMSolverV3Scheduler, compute_ems, swap_scheduler
-from diffalign.samplers.ems import EMS_FILE
+from diffalign.samplers.dpm_solver_v3 import MIN_CELLS_PER_STEP
+from diffalign.samplers.ems import EMS_FILE, EmpiricalModelStatistics
 from diffalign.samplers.schedule import NoiseScheduleVP
 from diffalign.samplers.side_info import read_side_info, save_side_info
 
@@ -183,6 +185,31 @@ def test_bad_ems_get_clear_errors(tmp_path, ems):
     with pytest.raises(ValueError, match="NaN or inf"):
         DPMSolverV3Scheduler(**CONFIG).load_side_info(tmp_path / "nan")
     assert read_side_info(tmp_path / "other", EMS_FILE)[1]["num_grid"] == ems.num_grid
+
+
+def thinned(ems, every: int) -> EmpiricalModelStatistics:
+    """The same statistics at every ``every``-th grid point."""
+    rows = slice(None, None, every)
+    return EmpiricalModelStatistics(ems.lambdas[rows], ems.l[rows], ems.s[rows], ems.b[rows], ems.meta)
+
+
+def test_set_timesteps_warns_when_the_ems_grid_is_too_coarse_for_the_steps(ems):
+    """10 steps on the default grid: the shortest spans lambda 0.536, 13 cells of the 240-point grid (quiet), 1 of the
+    30-point grid (warns, asking for ceil(4 x 9.66 / 0.536) = 73 points); 80 points give it 4 cells (quiet)."""
+    scheduler = DPMSolverV3Scheduler(**CONFIG)
+    for every, points in ((1, 240), (3, 80)):
+        scheduler.ems = thinned(ems, every)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            scheduler.set_timesteps(10)
+        assert scheduler.ems.num_grid == points
+    scheduler.ems = thinned(ems, 8)
+    for _ in range(2):  # every call warns, not once per process
+        with pytest.warns(UserWarning, match=r"\(30 points\) is too coarse for 10 steps") as caught:
+            scheduler.set_timesteps(10)
+        message = str(caught[0].message)
+        assert f"fewer than {MIN_CELLS_PER_STEP}" in message
+        assert int(re.search(r"diffalign ems --grid_size (\d+)", message).group(1)) == 73
 
 
 @pytest.mark.gpu
