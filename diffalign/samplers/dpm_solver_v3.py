@@ -18,18 +18,18 @@ point, now including the new model value (UniPC-style, no extra NFE), keeping ``
 
 Grid points are snapped to the EMS lambda grid (integrals are exact sums there); a step to sigma 0 is first order
 and continues the statistics beyond their last point with ``l = 1, s = b = 0``. Without EMS the scheduler uses
-``l = 1, s = b = 0`` everywhere with exact integrals, where it is DPM-Solver++ (multistep, Taylor form); the
-corrector is then off by default (``use_corrector=None``: on with EMS only). Without the corrector and on the same
-grid it equals our ``DPMSolverPPScheduler(solver_type="heun", taylor_third_order=True)`` at orders 1 and 2 for every
-NFE; at order 3 only for 6 <= NFE <= 14 (and NFE 5 with
+``l = 1, s = b = 0`` everywhere with exact integrals, where it is DPM-Solver++ (multistep, Taylor form). Without
+the corrector (the default) and on the same grid it equals our ``DPMSolverPPScheduler(solver_type="heun",
+taylor_third_order=True)`` at orders 1 and 2 for every NFE; at order 3 only for 6 <= NFE <= 14 (and NFE 5 with
 ``predictor_pseudo=False``): below 6 steps v3 defaults to the pseudo order, and from 15 steps on DPM-Solver++
 (diffusers' rule) keeps full order in its last steps while v3 lowers it at every NFE, as the official code does
 (measured in tests/samplers/test_dpm_solver_v3.py: 1.1e-2 to 2.6e-2 apart at NFE 15-20 on a 16-D mixture).
 
 Defaults chosen by measurement against diffusers' UniPC at its defaults (``scripts/v3_defaults.py``,
-docs/dpm_solver_v3.md): ``timestep_spacing="time_quadratic"`` (the official ``skip_type`` for pixel models), the
-corrector only with EMS. Statistics on a grid coarser than ``MAX_EMS_SPACING`` in lambda, or with fewer than
-``MIN_CELLS_PER_STEP`` cells in a step, warn at ``set_timesteps``.
+docs/dpm_solver_v3.md): ``timestep_spacing="time_quadratic"`` (the official ``skip_type`` for pixel models) and no
+corrector (it helps with accurate statistics of an unguided model and ruins guided ones). Statistics on a grid
+coarser than ``MAX_EMS_SPACING`` in lambda, or with fewer than ``MIN_CELLS_PER_STEP`` cells in a step, warn at
+``set_timesteps``.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def taylor_derivatives(gs: list[torch.Tensor], lambdas: list[float], pseudo: boo
 class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
     """DPM-Solver-v3: multistep predictor (orders 1-3, pseudo order at low NFE) and corrector on EMS.
 
-    Defaults: the ``time_quadratic`` grid and the corrector with EMS only (measured; module docstring).
+    Defaults: the ``time_quadratic`` grid, no corrector (measured; module docstring).
     ``from_config(pipe.scheduler.config)`` keeps a pipeline's own ``timestep_spacing`` when its config names one;
     pass ``timestep_spacing="time_quadratic"`` to get v3's.
 
@@ -109,7 +109,7 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
     config by ``diffalign ems``; ``from_config`` plus ``load_side_info(folder)`` does the same for a swap. Without EMS
     it warns at every ``set_timesteps`` and runs on the statistics that reduce it to DPM-Solver++.
 
-    v3 settings: ``use_corrector`` (None: on with EMS, off without them); ``predictor_pseudo`` (None: pseudo order
+    v3 settings: ``use_corrector``; ``predictor_pseudo`` (None: pseudo order
     at <= 5 steps, as the paper's CIFAR-10 setting); ``corrector_pseudo`` (the corrector one order higher, the
     paper's latent-diffusion setting); ``half_corrector`` (corrector only in the first half of the time range, the
     official ``half`` flag).
@@ -129,7 +129,7 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         trained_betas: np.ndarray | list[float] | None = None,
         solver_order: int = 2,
         prediction_type: PredictionType = "epsilon",
-        use_corrector: bool | None = None,
+        use_corrector: bool = False,
         predictor_pseudo: bool | None = None,
         corrector_pseudo: bool = False,
         half_corrector: bool = False,
@@ -262,8 +262,6 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         n = self.num_inference_steps
         pseudo = self.config.predictor_pseudo
         self._predictor_pseudo = (n <= PSEUDO_ORDER_UP_TO_NFE) if pseudo is None else bool(pseudo)
-        corrector = self.config.use_corrector
-        self._use_corrector = (self.ems is not None) if corrector is None else bool(corrector)
 
     # ---- the statistics at grid points --------------------------------------------------------------------------
     def _stat(self, name: str, i: int, like: torch.Tensor) -> torch.Tensor:
@@ -361,7 +359,7 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
             self._first_index = i
         c_order = self._last_order + int(cfg.corrector_pseudo)
         late = cfg.half_corrector and float(self.timesteps[i]) <= 0.5 * self.noise_schedule.t_max
-        if self._use_corrector and not first_step and c_order > 1 and not late:
+        if cfg.use_corrector and not first_step and c_order > 1 and not late:
             m = len(self._points)
             slots = [m - 2, m - 1] + list(range(m - 3, -1, -1))  # previous (base), current, older
             # keeping sigma eps - l x fixed keeps f = (sigma eps - l x) / alpha: only x changes
