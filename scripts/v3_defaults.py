@@ -15,7 +15,7 @@ the same way.
 Conditional statistics need each data row paired with the prompt the guided model gives it (``GuidedUNet`` gives
 row ``i`` the digit ``i % 10``): the digits are interleaved by class and the batch size is a multiple of 10.
 
-    python scripts/v3_defaults.py --toy_steps 0          # digits and digits-cond: 5.4 min CPU on one thread
+    python scripts/v3_defaults.py --toy_steps 0          # digits and digits-cond: ~8 min CPU on one thread
     python scripts/v3_defaults.py --models --out docs/bench/v3_defaults_second_unet.json   # the second UNet only
 """
 

@@ -91,8 +91,9 @@ OWN_DEFAULTS: dict[str, dict[str, object]] = {
     "dpm_solver_v3": {"timestep_spacing": "time_quadratic"},
 }
 """Shared keys whose default a scheduler sets otherwise, by measurement. DPM-Solver-v3 on ``time_quadratic`` (the
-official code's ``skip_type`` for pixel models) has 0.3-0.8x the error of diffusers' UniPC at its defaults at NFE 5-10
-on both digits models, where on ``linspace`` it had 1.1-2.4x (docs/dpm_solver_v3.md, ``scripts/v3_defaults.py``)."""
+official code's ``skip_type`` for pixel models) has 0.14-0.82x the error of diffusers' UniPC at its defaults at NFE
+5-10 on both digits models as shipped, where on ``linspace`` it had 0.97-7.2x (docs/dpm_solver_v3.md,
+``scripts/v3_defaults.py``)."""
 
 MODEL_KEYS = (
     "num_train_timesteps",
