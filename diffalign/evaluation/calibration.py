@@ -74,13 +74,15 @@ def run_ems(config: EMSConfig) -> Path:
     if spec.data is None:
         raise ValueError("a pipeline needs --data FOLDER of images (its training domain) to compute EMS on.")
     name = spec.name if spec.guided is None else f"{spec.name} (guidance {spec.guidance_scale})"
+    # batch row k is conditioned on prompt k % period and data row k is of that prompt's class: keep them in step
+    batch_size = max(spec.period, config.batch_size - config.batch_size % spec.period)
     ems = compute_ems(
         spec.model,
         spec.data(),
         spec.scheduler_config,
         num_grid=config.grid_size,
         num_samples=config.num_samples,
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         seed=config.seed,
         t_start=config.t_start,
         t_end=config.t_end,

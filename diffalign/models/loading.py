@@ -48,6 +48,7 @@ class ModelSpec:
     prompts: list[str] | None = None
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # the VAE's decode; None: samples are images
     data: Callable[[], torch.Tensor] | None = None
+    period: int = 1  # the fixed conditioning repeats every ``period`` batch rows; data row k matches row k % period
     scheduler_dir: Path | None = None  # scheduler config + learned side information (EMS, DC ratios), if local
 
     @property
@@ -115,15 +116,24 @@ def _gmm_spec(device) -> ModelSpec:
 
 
 def _digits_spec(name: str, prompts, guidance_scale: float, device, attention: str | None) -> ModelSpec:
-    from .digits import ASSETS_DIR, build_scheduler, load_digits_data, load_digits_pipeline, load_digits_unet
+    from .digits import (
+        ASSETS_DIR,
+        NUM_CLASSES,
+        build_scheduler,
+        load_digits_data,
+        load_digits_pipeline,
+        load_digits_unet,
+    )
 
-    guided = None
+    guided, data = None, lambda: load_digits_data("train")[0]
     if name == "digits":
         unet = load_digits_unet().to(device).requires_grad_(False)
     else:
         pipe = load_digits_pipeline(conditional=True).to(device)
         unet, encoder = pipe.unet.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
         guided = lambda g: GuidedUNet.for_digits(unet, encoder, g, prompts)  # noqa: E731
+        classes = encoder.tokenize(prompts).cpu() if prompts else torch.arange(NUM_CLASSES)  # (P,)
+        data = lambda: _class_cycled(*load_digits_data("train"), classes)  # noqa: E731
     _set_attention(unet, attention)
     return ModelSpec(
         name=name,
@@ -135,9 +145,20 @@ def _digits_spec(name: str, prompts, guidance_scale: float, device, attention: s
         guided=guided,
         guidance_scale=None if guided is None else guidance_scale,
         prompts=None if guided is None else prompts,
-        data=lambda: load_digits_data("train")[0],
+        data=data,
+        period=1 if guided is None else len(classes),
         scheduler_dir=ASSETS_DIR / name / "scheduler",
     )
+
+
+def _class_cycled(images: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(n P, C, H, W) images whose row k is of class ``classes[k % P]``, as many per class as the rarest has: the
+    data that digits-cond's fixed conditioning (prompt ``k % P`` on batch row k) describes."""
+    members = [images[labels == c] for c in classes.tolist()]  # P x (N_c, C, H, W)
+    if any(len(m) == 0 for m in members):
+        raise ValueError(f"no training image of class {classes.tolist()}: prompts must name digits 0-9.")
+    n = min(len(m) for m in members)
+    return torch.stack([m[:n] for m in members], dim=1).flatten(0, 1)  # (n P, C, H, W)
 
 
 def _pipeline_spec(name_or_path: str, prompts, guidance_scale: float, device, attention, data) -> ModelSpec:

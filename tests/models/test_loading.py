@@ -55,3 +55,21 @@ def test_guided_unet_checks_the_conditioning_layout():
         GuidedUNet(spec.network, guidance_scale=2.0)(x, 10, torch.zeros(2, 1, 32))
     with pytest.raises(ValueError, match="need a guidance_scale"):
         GuidedUNet(spec.network, embeds=torch.zeros(2, 1, 32))
+
+
+def test_digits_cond_ems_data_match_the_prompt_of_each_batch_row():
+    """Row k of digits-cond's data is of the class its fixed conditioning names (prompt k % P): the pairs EMS is an
+    expectation over. The classifier agrees with the labels it was given on >= 95% of the rows."""
+    from diffalign.models.digits import load_digits_classifier
+
+    classifier = load_digits_classifier()
+    for prompts, classes in ((None, list(range(10))), (["a handwritten 3", "a handwritten 7"], [3, 7])):
+        spec = load_model("digits-cond", prompts=prompts)
+        data = spec.data()  # (n P, 1, 8, 8)
+        assert spec.period == len(classes) and data.shape[0] % spec.period == 0
+        expected = torch.tensor(classes).repeat(data.shape[0] // len(classes))  # (n P,)
+        with torch.no_grad():
+            predicted = classifier(data).argmax(-1)
+        assert (predicted == expected).float().mean() > 0.95
+    with pytest.raises(ValueError, match="must name digits"):
+        load_model("digits-cond", prompts=[""]).data()
