@@ -7,7 +7,9 @@ the grid with the lowest MSE on 150 selection noises (default, time_quadratic, l
 it is the default grid. Every grid is then measured on 128 test noises that no learning or selection step saw,
 against a dopri5 reference (the ODE error of ``diffalign bench``); the training-noise MSE is printed beside it
 (overfitting check). Grids are written as ``learned_grids.safetensors`` + ``.json`` beside the model's
-``scheduler_config.json``. About 2 min for gmm and 15 min for digits on 2 shared CPU cores (mostly references).
+``scheduler_config.json``: the selected one per (solver, NFE), and the GITS and LD3 grids as alternatives (the
+``grid=gits`` / ``grid=ld3`` rows of ``diffalign bench``). About 2 min for gmm and 15 min for digits on 2 shared
+CPU cores (mostly references).
 
     python scripts/learn_grids.py --models gmm --nfe 5 6 8 10 --cache /tmp/grids/cache --out /tmp/grids/gmm.json
     python scripts/learn_grids.py --models digits --nfe 5 6 8 10 --cache /tmp/grids/cache --out /tmp/grids/digits.json
@@ -163,6 +165,12 @@ def learn_model(
                 record = {k: v for k, v in info.items() if k != "tried"}
                 record.update(method=best, select_mse=row[f"{best}_select"], default_select_mse=row["default_select"])
                 grids.add(scheduler, options[best], g, **record)
+            for method, info in (("gits", gits_info), ("ld3", ld3_info)):  # the bench's `grid=gits|ld3` rows
+                if best != method:
+                    record = {k: v for k, v in info.items() if k != "tried"} | {"method": method}
+                    grids.add(
+                        scheduler, options[method], g, alternative=True, select_mse=row[f"{method}_select"], **record
+                    )
             row["sigmas"] = {method: np.asarray(sigmas).tolist() for method, sigmas in options.items()}
             log["rows"].append(row)
             fixed = "  ".join(f"{k} {row[k + '_test']:.3e}" for k in FIXED)
