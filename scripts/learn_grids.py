@@ -31,11 +31,12 @@ from diffalign.evaluation.benchmark import make_scheduler
 from diffalign.evaluation.targets import LEARNED_MODEL_RTOL, reference_for
 from diffalign.models.loading import load_model
 from diffalign.samplers import DPMSolverPPScheduler, DPMSolverV3Scheduler
+from diffalign.samplers.ems import EMS_FILE
 from diffalign.samplers.gits import candidate_sigmas, gits_grid, local_error_costs, solve, teacher_trajectory
 from diffalign.samplers.ld3 import ld3_grid
 from diffalign.samplers.learned_grid import LearnedGrids, integer_grid
 from diffalign.samplers.schedule import NoiseScheduleVP, time_grid
-from diffalign.samplers.side_info import schedule_fingerprint
+from diffalign.samplers.side_info import has_side_info, schedule_fingerprint
 
 SOLVERS = {
     "dpm_solver_pp": DPMSolverPPScheduler,
@@ -69,10 +70,14 @@ def fixed_sigmas(schedule: NoiseScheduleVP, nfe: int, spacing: str) -> np.ndarra
     return rhos
 
 
-def references(reference, name: str, guidance_scale: float, shape, rho_T: float, cache: Path | None) -> dict:
-    """``{split: (x_T, reference end point)}`` for ``SEEDS``, read from / written to ``cache`` when given."""
+def references(
+    reference, name: str, guidance_scale: float, shape, rho_T: float, cache: Path | None, fraction: float = 1.0
+) -> dict:
+    """``{split: (x_T, reference end point)}`` for ``SEEDS`` (``fraction`` of each count), read from / written to
+    ``cache`` when given."""
     data = {}
     for split, (seed, n) in SEEDS.items():
+        n = max(8, round(n * fraction))
         path = None if cache is None else cache / f"{name}_g{guidance_scale:g}_{seed}_{n}.pt"
         x = noises(seed, n, shape)
         if path is not None and path.is_file():
@@ -97,9 +102,12 @@ def learn_model(
     ship: bool = True,
     other_scale: float | None = None,
     cache: Path | None = None,
+    fraction: float = 1.0,
 ) -> dict:
     """Learn, select, measure and (with ``ship``) save the grids of ``name``; with ``other_scale`` also measure
-    the grids learned at ``guidance_scale`` at that other scale (overfitting to the guidance scale)."""
+    the grids learned at ``guidance_scale`` at that other scale (overfitting to the guidance scale). ``fraction``
+    shrinks every set of noises (quick runs). DPM-Solver-v3 is left out for a model without shipped EMS (it would
+    be DPM-Solver++)."""
     torch.set_num_threads(1)
     target = load_model(name)
     guided = target.with_guidance(guidance_scale)
@@ -110,13 +118,21 @@ def learn_model(
     rtol = 1e-7 if name == "gmm" else LEARNED_MODEL_RTOL
     reference = reference_for(model, config, rtol)
     start = time.perf_counter()
-    data = references(reference, name, guidance_scale, target.sample_shape, rho_T, cache)
-    log = {"model": name, "guidance_scale": guidance_scale, "reference_s": time.perf_counter() - start, "rows": []}
+    data = references(reference, name, guidance_scale, target.sample_shape, rho_T, cache, fraction)
+    log = {
+        "model": name,
+        "guidance_scale": guidance_scale,
+        "fraction": fraction,
+        "reference_s": time.perf_counter() - start,
+        "rows": [],
+    }
     print(f"{name}: references in {log['reference_s']:.0f} s", flush=True)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         schedulers = {label: make_scheduler(cls, config, {}, target.scheduler_dir) for label, cls in SOLVERS.items()}
+    if not has_side_info(target.scheduler_dir, EMS_FILE):
+        del schedulers["dpm_solver_v3"]
     x_gits = data["gits"][0]
     start = time.perf_counter()
     teachers = {}
@@ -216,9 +232,12 @@ def main() -> None:
     parser.add_argument("--no-ship", action="store_true", help="measure only; do not write the grids")
     parser.add_argument("--out", type=Path, help="JSON file for the measurements")
     parser.add_argument("--cache", type=Path, help="folder for the reference end points (reused across runs)")
+    parser.add_argument("--fraction", type=float, default=1.0, help="fraction of every set of noises (quick runs)")
     args = parser.parse_args()
     logs = [
-        learn_model(name, args.nfe, args.guidance_scale, not args.no_ship, args.other_guidance_scale, args.cache)
+        learn_model(
+            name, args.nfe, args.guidance_scale, not args.no_ship, args.other_guidance_scale, args.cache, args.fraction
+        )
         for name in args.models
     ]
     if args.out:
