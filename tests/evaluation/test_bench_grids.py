@@ -1,4 +1,5 @@
-"""`diffalign bench` rows on learned time grids (`dpm_solver_v3:grid=ld3`), on the shipped grids of `gmm`."""
+"""`diffalign bench` rows on learned time grids (`dpm_solver_v3:grid=ld3`) on the shipped grids of `gmm`; the shipped
+`digits-cond` grids."""
 
 import dataclasses
 
@@ -7,6 +8,8 @@ import torch
 
 from diffalign.evaluation.benchmark import run_benchmark, summarize
 from diffalign.evaluation.targets import gmm_target
+from diffalign.models import load_model
+from diffalign.samplers import LearnedGrids
 
 SPECS = [
     "dpm_solver_v3",
@@ -52,3 +55,13 @@ def test_grid_rows_check_their_grids(target):
         run_benchmark(dataclasses.replace(target, fingerprint="another"), SPECS[1:2], (5,), num_samples=2, seeds=(0,))
     with pytest.raises(ValueError, match="needs grid="):
         run_benchmark(target, ["dpm_solver_v3:grid_guidance=2"], (5,), num_samples=2, seeds=(0,))
+
+
+def test_shipped_digits_cond_grids_belong_to_guidance_4():
+    spec = load_model("digits-cond")
+    grids = LearnedGrids.load(spec.scheduler_dir)
+    grids.check_model(spec.fingerprint)
+    for solver in ("DPMSolverPPScheduler", "UniPCMultistepScheduler", "DPMSolverMultistepScheduler"):
+        for nfe in (5, 10):
+            assert len(grids.get(solver, nfe, 4.0)) == nfe + 1 and grids.get(solver, nfe) is None
+            assert grids.get(solver, nfe, 4.0, method="gits") is not None
