@@ -109,6 +109,12 @@ def load_bench_grids(target: BenchTarget, label: str) -> LearnedGrids:
     return grids
 
 
+def grid_for(grids: LearnedGrids, cls: type, nfe: int, grid: dict, guidance_scale: float | None):
+    """The sigmas a ``grid=...`` sampler runs on at ``nfe`` (``GRID_OPTIONS``), or None."""
+    method = None if grid["grid"] == "learned" else grid["grid"]
+    return grids.get(cls.__name__, nfe, grid.get("grid_guidance", guidance_scale), method)
+
+
 def _parse_value(raw: str):
     lowered = raw.lower()
     if lowered in ("true", "false"):
@@ -194,6 +200,11 @@ def run_benchmark(
         label, cls, overrides = parse_sampler(spec)
         overrides, grid = split_grid_options(overrides)
         grids = load_bench_grids(target, label) if grid else None
+        if grid and all(grid_for(grids, cls, nfe, grid, target.guidance_scale) is None for nfe in nfes):
+            raise ValueError(
+                f"no {grid['grid']} grid for {label!r} at NFE {list(nfes)} in {target.side_info}; the file has "
+                f"{sorted(grids.grids)}."
+            )
         specs.append((label, cls, overrides, grid, grids))
     rows = []
     bar = tqdm(total=len(specs) * len(nfes) * len(seeds), disable=not progress, desc=f"bench {target.name}")
@@ -217,8 +228,7 @@ def run_benchmark(
             for nfe in nfes:
                 bar.set_postfix_str(f"{label} NFE {nfe}")
                 if grid:
-                    method = None if grid["grid"] == "learned" else grid["grid"]
-                    sigmas = grids.get(scheduler, nfe, grid.get("grid_guidance", target.guidance_scale), method)
+                    sigmas = grid_for(grids, cls, nfe, grid, target.guidance_scale)
                     if sigmas is None:  # no row: nothing was learned for this NFE
                         bar.update()
                         continue

@@ -53,6 +53,8 @@ def test_grid_rows_check_their_grids(target):
         run_benchmark(dataclasses.replace(target, side_info=None), SPECS[1:2], (5,), num_samples=2, seeds=(0,))
     with pytest.raises(ValueError, match="belong to model"):
         run_benchmark(dataclasses.replace(target, fingerprint="another"), SPECS[1:2], (5,), num_samples=2, seeds=(0,))
+    with pytest.raises(ValueError, match="no gist grid for 'dpm_solver_v3 .grid=gist.' at NFE"):
+        run_benchmark(target, ["dpm_solver_v3:grid=gist"], (5,), num_samples=2, seeds=(0,))  # a typo
     with pytest.raises(ValueError, match="needs grid="):
         run_benchmark(target, ["dpm_solver_v3:grid_guidance=2"], (5,), num_samples=2, seeds=(0,))
 
