@@ -2,11 +2,11 @@
 
 D3PO samples its own trajectories (K = 2 per prompt from one x_T, stochastic DDIM eta 1 with the demo's 2 steps and
 no guidance, the sampler ``diffalign eval`` uses on digits-cond) and ranks them with the digits reward log p(prompted
-digit); ``--flip_labels`` reverses every preference. The run is trained in stages and resumed between them, so each
-budget of policy samples is one point of one run. Diffusion-DPO is trained offline, one epoch, on pairs of the base
-model's samples (``digits_pairs``) with as many images as D3PO drew. Every model is evaluated against the base
-model with the eval harness on held-out seeds (paired bootstrap intervals); the script writes ``demo.md``,
-``demo.json`` and ``reward_vs_samples.png``.
+digit), rewards at most ``d3po_tie_margin`` apart counting as ties; ``--flip_labels`` reverses every preference.
+The run is trained in stages and resumed between them, so each budget of policy samples is one point of one run.
+Diffusion-DPO is trained offline, one epoch, on pairs of the base model's samples (``digits_pairs``) with as many
+images as D3PO drew. Every model is evaluated against the base model with the eval harness on held-out seeds (paired
+bootstrap intervals); the script writes ``demo.md``, ``demo.json`` and ``reward_vs_samples.png``.
 
     python scripts/demo_d3po_digits.py --out demo_d3po
 """
@@ -27,7 +27,11 @@ from diffalign.evaluation.harness import EvalConfig, run_eval
 from diffalign.models.digits import load_digits_pipeline
 
 COMMON = dict(lora_rank=8, lora_target_modules="to_v,to_out.0,conv1,conv2", progress_bar=False, train_batch_size=16)
-D3PO_CONFIG = dict(method="d3po", learning_rate=3e-5, d3po_num_steps=2, d3po_guidance_scale=1.0, **COMMON)
+D3PO_CONFIG = dict(
+    method="d3po", learning_rate=3e-5, d3po_num_steps=2, d3po_guidance_scale=1.0, d3po_tie_margin=1e-3, **COMMON
+)
+"""D3PO's options: the demo's sampler (DDIM 2 steps, no guidance) and a tie margin of 1e-3 in log p: two correct
+digits both score log p ~ 0 and differ by float32 rounding (~1e-7), which must not decide a preference."""
 DPO_CONFIG = dict(method="dpo", learning_rate=1e-4, beta=500.0, **COMMON)
 SAMPLES_PER_STEP = 2 * COMMON["train_batch_size"]  # D3PO: 16 prompts x K = 2 trajectories; DPO: 16 pairs
 

@@ -2,11 +2,13 @@
 
 Data: ``diffalign pairs`` samples K = 4 candidates for each of ``--prompts_per_digit`` copies of the ten digit prompts
 (DDIM 2 steps, no guidance) and scores them with the digits reward log p(prompted digit). From those candidates:
-RankDPO trains on all 4 with their scores, SmPO on all 6 pairs of each prompt's candidates with both scores (its
-smoothed preference decides direction and strength), Diffusion-DPO on the best-vs-worst pair. Each method is trained
-with the true preferences and flipped ones (``--flip_labels``), the same LoRA, learning rate, batch and number of
-steps, then evaluated with the eval harness (``diffalign eval``) against the base model on held-out seeds (paired
-bootstrap intervals, win-rate). Each method is also compared cell by cell with the DPO LoRA on the same seeds.
+RankDPO trains on all 4 with their scores (once more with a tie margin of 1e-3 in log p, so that candidates whose
+scores differ by float rounding tie); Diffusion-DPO and SmPO on the same best-vs-worst pair of each prompt, SmPO
+with both scores (its smoothed preference p weights each pair by 2p - 1), once with the paper's DDIM-inversion noise
+and once with Diffusion-DPO's forward noise. Each method is trained with the true preferences and flipped ones
+(``--flip_labels``), the same LoRA, learning rate, batch and number of steps, then evaluated with the eval harness
+(``diffalign eval``) against the base model on held-out seeds (paired bootstrap intervals, win-rate). Each method is
+also compared cell by cell with the DPO LoRA of the same label direction on the same seeds.
 
     python scripts/demo_smpo_rankdpo_digits.py --out demo_smpo_rankdpo
 """
@@ -23,15 +25,15 @@ import torch
 from diffalign.alignment.candidate_pairs import split_candidates
 from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.digits_pairs import EVAL_SEED_OFFSET
-from diffalign.alignment.pairs import DIGITS_PROMPTS, PairsConfig, make_pairs
+from diffalign.alignment.pairs import PairsConfig, make_pairs
 from diffalign.alignment.trainer import train
 from diffalign.evaluation.bootstrap import compare_scores
-from diffalign.evaluation.harness import EvalConfig, run_eval
+from diffalign.evaluation.harness import DIGITS_PROMPTS, EvalConfig, run_eval
 
 DEMO_CONFIG = dict(
     max_train_steps=100,
     train_batch_size=16,
-    learning_rate=1e-4,
+    learning_rate=3e-5,
     lora_rank=8,
     lora_target_modules="to_v,to_out.0,conv1,conv2",
     checkpointing_steps=0,
@@ -41,21 +43,34 @@ DEMO_CONFIG = dict(
 METHOD_CONFIG = {
     "DPO": dict(method="dpo", beta=500.0),
     "SmPO": dict(method="smpo", smpo_beta=50.0, smpo_score_range="digits"),  # beta x 10 x (2p - 1): 500 at p = 1
+    "SmPO, forward noise": dict(method="smpo", smpo_beta=50.0, smpo_score_range="digits", smpo_noise="forward"),
     "RankDPO": dict(method="rankdpo", rankdpo_beta=500.0),
+    "RankDPO, tie margin": dict(method="rankdpo", rankdpo_beta=500.0, rankdpo_tie_margin=1e-3),
 }
 """Each method's options: the same beta of a certain pair (500, the Diffusion-DPO demo's)."""
+RUN_NAMES = {
+    "DPO": "dpo",
+    "SmPO": "smpo",
+    "SmPO, forward noise": "smpo_forward",
+    "RankDPO": "rankdpo",
+    "RankDPO, tie margin": "rankdpo_margin",
+}
+"""Output folder of each method's run (``_flipped`` appended for flipped preferences)."""
 
 
 def make_data(out: Path, prompts_per_digit: int) -> dict[str, Path]:
-    """K = 4 scored candidates per prompt (``diffalign pairs``), and the pair views of them for SmPO and DPO."""
+    """K = 4 scored candidates per prompt (``diffalign pairs``), and their best-vs-worst pairs for DPO and SmPO."""
     prompts = out / "prompts.txt"
     prompts.write_text("".join(f"{p}\n" for p in DIGITS_PROMPTS * prompts_per_digit), encoding="utf-8")
     print(f"diffalign pairs --prompts {prompts} --num_candidates 4 --reward digits --out {out / 'candidates'}")
     candidates = make_pairs(PairsConfig(prompts=str(prompts), num_candidates=4, out=str(out / "candidates")), False)
+    best_worst = split_candidates(candidates, out / "best_worst", mode="best_worst")
     return {
         "RankDPO": candidates,
-        "SmPO": split_candidates(candidates, out / "all_pairs", mode="all"),
-        "DPO": split_candidates(candidates, out / "best_worst", mode="best_worst"),
+        "RankDPO, tie margin": candidates,
+        "SmPO": best_worst,
+        "SmPO, forward noise": best_worst,
+        "DPO": best_worst,
     }
 
 
@@ -71,7 +86,7 @@ def run_demo(out: Path, num_seeds: int, prompts_per_digit: int, **overrides) -> 
     rows = []
     for flip in (False, True):
         for name, options in METHOD_CONFIG.items():
-            run = f"{name.lower()}{'_flipped' if flip else ''}"
+            run = f"{RUN_NAMES[name]}{'_flipped' if flip else ''}"
             config = TrainConfig(
                 output_dir=str(out / run),
                 dataset=str(data[name]),

@@ -33,6 +33,8 @@ RESUME_KEYS = (
     "dataset_split",
     "jsonl_name",
     "max_train_samples",
+    "streaming",
+    "shuffle_buffer",
     "resolution",
     "flip_labels",
     "method",
@@ -93,8 +95,8 @@ def read_checkpoint(checkpoint: Path, run_config: dict, keys: tuple[str, ...]) -
     """(global step of ``checkpoint``, a note when the run is converted) after comparing its saved config with
     ``run_config`` on ``keys``: a ValueError names every differing key. One difference converts exactly and is
     accepted: another process count at the same global micro-batch (train_batch_size x num_processes), since the
-    processes' batches then cover the same records per micro-step. A checkpoint written before configs were saved
-    is accepted as it is."""
+    processes' batches then cover the same records per micro-step (not for a stream, whose shares depend on it). A
+    checkpoint written before configs were saved is accepted as it is."""
     state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
     step, saved = int(state["global_step"]), state.get("config")
     if saved is None:
@@ -102,14 +104,20 @@ def read_checkpoint(checkpoint: Path, run_config: dict, keys: tuple[str, ...]) -
     differing = [k for k in keys if saved.get(k) != run_config.get(k)]
     if not differing:
         return step, None
-    if set(differing) <= set(GLOBAL_BATCH_KEYS) and _global_batch(saved) == _global_batch(run_config):
+    convertible = not saved.get("streaming")  # a stream's shares depend on the process count
+    if convertible and set(differing) <= set(GLOBAL_BATCH_KEYS) and _global_batch(saved) == _global_batch(run_config):
         note = " and ".join(f"{k} {saved[k]} -> {run_config[k]}" for k in differing)
         return step, f"converted {note} (same global micro-batch of {_global_batch(saved)} records)"
     details = ", ".join(f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in differing)
     raise ValueError(
         f"cannot resume from {checkpoint}: the run would continue differently ({details}). Resume with the "
-        "checkpoint's values (a process count may change at the same train_batch_size x num_processes), or start "
-        "a new run in another --output_dir."
+        "checkpoint's values ("
+        + (
+            "a streamed run resumes with its process count: each process's share of the stream depends on it"
+            if saved.get("streaming")
+            else "a process count may change at the same train_batch_size x num_processes"
+        )
+        + "), or start a new run in another --output_dir."
     )
 
 

@@ -82,6 +82,14 @@ class RunOptions:
         "data",
     )
     dataloader_num_workers: int = option(0, "data-loading worker processes", "data")
+    streaming: bool = option(
+        False,
+        "read a parquet/`datasets` table lazily instead of loading it (for data too large to copy): every process "
+        "reads its own share of the files, shuffled through a buffer; use at least as many parquet files as "
+        "processes x workers",
+        "data",
+    )
+    shuffle_buffer: int = option(1000, "with --streaming: records in the shuffle buffer", "data")
     # training
     method: str = option("dpo", f"preference method, one of {sorted(METHODS)} (options: its group)", "training")
     output_dir: str = option("diffalign-dpo", "where checkpoints and the trained weights go", "training")
@@ -156,6 +164,10 @@ class TrainConfig(
             raise ValueError("checkpointing_steps, lr_warmup_steps, max_grad_norm and eval_steps must be >= 0.")
         if self.eval_steps and self.eval_num_seeds < 1:
             raise ValueError(f"eval_num_seeds must be >= 1 with --eval_steps, got {self.eval_num_seeds}.")
+        if self.streaming and self.max_train_samples is not None:
+            raise ValueError("--max_train_samples needs a dataset of known length; drop it or --streaming.")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}.")
         method_options(get_method(self.method), self)  # the method's options validate themselves
 
 

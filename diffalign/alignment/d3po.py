@@ -46,8 +46,16 @@ class D3POOptions:
         "choices instead of sampling (with --dataset FOLDER --jsonl_name trajectories.jsonl)",
         GROUP,
     )
+    d3po_tie_margin: float = option(
+        0.0,
+        "reward differences <= this are ties and the prompt is dropped (official: 0, exact equality only; a "
+        "saturated reward such as digits' log p ~ 0 needs > 0, or float rounding decides the preference)",
+        GROUP,
+    )
 
     def __post_init__(self):
+        if self.d3po_tie_margin < 0:
+            raise ValueError(f"d3po_tie_margin must be >= 0, got {self.d3po_tie_margin}.")
         if self.d3po_beta <= 0:
             raise ValueError(f"d3po_beta must be > 0, got {self.d3po_beta}.")
         if not 0 < self.d3po_clip_range < 1:
@@ -80,12 +88,15 @@ def trajectory_log_probs(
     return torch.stack(log_probs, 1).unflatten(0, (num_candidates, size)).transpose(0, 1)  # (B, K, T)
 
 
-def preference_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def preference_pairs(scores: torch.Tensor, tie_margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, K) scores -> ((B, 2) candidate indices (best, worst), (B,) True where they are not tied).
 
-    For K = 2 this is the preferred and the rejected trajectory; ties (equal scores, e.g. a labeller's 'same')
-    give no preference and are dropped by the caller."""
+    For K = 2 this is the preferred and the rejected trajectory, as ``compare`` of the official
+    ``scripts/rm/train_d3po.py`` (the higher reward preferred). Ties give no preference and are dropped by the
+    caller: equal scores (the official rule, e.g. a labeller's 'same') and, with ``tie_margin`` > 0, scores at most
+    ``tie_margin`` apart. On digits-cond the digits reward log p(digit) of two correct samples differs by ~1e-7
+    (float32 rounding of log p ~ 0), so without a margin those pairs are ranked by rounding noise."""
     best, worst = scores.argmax(1), scores.argmin(1)  # (B,), (B,)
     pairs = torch.stack([best, worst], 1)  # (B, 2)
     chosen = scores.gather(1, pairs)  # (B, 2)
-    return pairs, chosen[:, 0] > chosen[:, 1]
+    return pairs, chosen[:, 0] - chosen[:, 1] > tie_margin

@@ -168,8 +168,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
 
 class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
-    """Decoded records of a streamed table (this process's share): the items of ``PreferenceDataset``, shuffled
-    with a buffer seeded by (``seed``, epoch) when ``seed`` is given; call ``set_epoch`` before each epoch.
+    """Decoded records of a streamed table (this process's share): the items of ``PreferenceDataset`` plus their
+    ``position`` in the epoch's stream, shuffled with a buffer seeded by (``seed``, epoch) when ``seed`` is given;
+    call ``set_epoch`` before each epoch. Setting ``start`` makes the next passes begin at that position without
+    decoding the records before it (a resume).
 
     An unreadable record is passed over and counted in the next item's ``skipped``; a Pick-a-Pic tie is dropped
     silently. With DataLoader workers ``datasets`` gives each worker its own parquet shards of the share (so use at
@@ -180,6 +182,7 @@ class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
         self, source: StreamingTableSource, transform: ImageTransform, seed: int | None = None, buffer_size: int = 1000
     ):
         self.source, self.transform, self.seed, self.buffer_size, self.epoch = source, transform, seed, buffer_size, 0
+        self.start = 0
         self.log = _SkipLog()
 
     @property
@@ -210,11 +213,11 @@ class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         skipped = 0
-        for _, item in self.decoded():
+        for position, item in self.decoded(self.start):
             if item is None:
                 skipped += 1
                 continue
-            yield dict(item, skipped=skipped)
+            yield dict(item, skipped=skipped, position=position)
             skipped = 0
 
 
@@ -246,7 +249,8 @@ def load_preferences(
 
 def collate_preferences(items: list[dict]) -> dict:
     """Stack dataset items into the preference batch: tensors (B, K, ...), ``cond`` tensors (B, ...), prompts as a
-    list, ``index`` (B,) int64, ``skipped`` summed. Every item must carry the same keys (one dataset, one K)."""
+    list, ``index`` (and a stream's ``position``) (B,) int64, ``skipped`` summed. Every item must carry the same keys
+    (one dataset, one K)."""
     keys = set(items[0])
     for item in items[1:]:
         if set(item) != keys:
@@ -259,7 +263,7 @@ def collate_preferences(items: list[dict]) -> dict:
         values = [item[key] for item in items]
         if key == "skipped":
             batch[key] = sum(values)
-        elif key == "index":
+        elif key in ("index", "position"):
             batch[key] = torch.tensor(values, dtype=torch.int64)
         elif key == "prompt":
             batch[key] = list(values)

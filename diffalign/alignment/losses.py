@@ -155,11 +155,13 @@ def smpo_loss(
     return loss, {key: value.detach() for key, value in metrics.items()}
 
 
-def synpic_scores(rewards: torch.Tensor) -> torch.Tensor:
+def synpic_scores(rewards: torch.Tensor, tie_margin: float = 0.0) -> torch.Tensor:
     """Syn-Pic preference scores phi(x_i) = C_i / (n (K - 1)) (Karthik et al. 2024, arXiv 2410.18013, Alg. 1).
 
     C_i counts the comparisons x_i wins against the K - 1 other candidates under each of the n reward models, so
-    phi lies in [0, 1] and ties share a score. ``rewards``: (B, K) one reward model or (B, K, n) -> phi (B, K).
+    phi lies in [0, 1] and ties share a score. A win needs R_m(x_i) - R_m(x_j) > ``tie_margin`` (0: any strict
+    difference, as Alg. 1; > 0 for a saturated reward whose near-equal scores differ by rounding).
+    ``rewards``: (B, K) one reward model or (B, K, n) -> phi (B, K).
     """
     if rewards.ndim == 2:
         rewards = rewards.unsqueeze(-1)  # (B, K, 1)
@@ -168,7 +170,8 @@ def synpic_scores(rewards: torch.Tensor) -> torch.Tensor:
             f"synpic_scores expects rewards shaped (B, K) or (B, K, n) with K >= 2, got {tuple(rewards.shape)}."
         )
     num_candidates, num_models = rewards.shape[1], rewards.shape[2]
-    wins = (rewards.unsqueeze(2) > rewards.unsqueeze(1)).sum(dim=(2, 3))  # (B, K): [i, j, m] = R_m(x_i) > R_m(x_j)
+    beats = rewards.unsqueeze(2) - rewards.unsqueeze(1) > tie_margin  # (B, K, K, n): R_m(x_i) beats R_m(x_j)
+    wins = beats.sum(dim=(2, 3))  # (B, K)
     return wins.float() / (num_models * (num_candidates - 1))
 
 

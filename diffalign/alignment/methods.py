@@ -213,7 +213,8 @@ class D3PO(PreferenceMethod):
 
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         options, rollout = self.options, inputs.rollout
-        pairs, keep = preference_pairs(inputs.batch["scores"].to(rollout.log_probs.device))  # (B, 2), (B,)
+        scores = inputs.batch["scores"].to(rollout.log_probs.device)  # (B, K)
+        pairs, keep = preference_pairs(scores, options.d3po_tie_margin)  # (B, 2), (B,)
         scale = options.d3po_guidance_scale
         policy = guided(inputs.policy, inputs.policy_uncond, scale)
         logp_policy = trajectory_log_probs(policy, self.sampler, rollout, options.d3po_eta)  # (B, K, T)

@@ -15,8 +15,6 @@ after the shards already written, a rerun with other settings into the same fold
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import io
 import json
 import os
@@ -27,19 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..evaluation.harness import SamplingOptions, read_prompts, resolve_sampling
 from ..options import option
 from .config import EMBEDDED_MODEL
 
-DIGITS_PROMPTS = tuple(f"a handwritten {d}" for d in range(10))
-"""The default prompts of ``digits-cond``: one per digit."""
-DIGITS_SAMPLING = {"sampler": "DDIMScheduler", "nfe": 2, "guidance_scale": 1.0}
-"""digits-cond's default sampling: the Diffusion-DPO demo's (``digits_pairs.py``), ~97% accurate, so candidates of
-one prompt differ in reward."""
 INFO_NAME = "generation.json"
 
 
 @dataclass
-class PairsConfig:
+class PairsConfig(SamplingOptions):
     """Options of one ``diffalign pairs`` run."""
 
     # model
@@ -52,25 +46,8 @@ class PairsConfig:
     variant: str | None = option(None, "weights variant of the pipeline, e.g. 'fp16'", "model")
     device: str | None = option(None, "device (default: cuda when available, else cpu)", "model")
     # sampling
-    prompts: str | None = option(
-        None,
-        "text file, one prompt per line (blank lines skipped); default for digits-cond: its ten digit prompts",
-        "sampling",
-    )
     num_candidates: int = option(4, "K: candidates sampled per prompt (>= 2)", "sampling")
     seed: int = option(0, "base seed; candidate k of prompt p uses seed (seed, p, k)", "sampling")
-    sampler: str | None = option(
-        None,
-        "diffalign.samplers registry name or diffusers scheduler class name (default: DDIMScheduler for digits-cond, "
-        "the pipeline's own scheduler otherwise)",
-        "sampling",
-    )
-    nfe: int | None = option(
-        None, "sampling steps (default: 2 for digits-cond, else the pipeline's default)", "sampling"
-    )
-    guidance_scale: float | None = option(
-        None, "classifier-free guidance (default: 1.0 for digits-cond, else the pipeline's default)", "sampling"
-    )
     batch_size: int = option(16, "images per pipeline call", "sampling")
     # scoring and output
     reward: str = option(
@@ -95,41 +72,9 @@ class PairsConfig:
             raise ValueError(f"nfe must be >= 1, got {self.nfe}.")
 
 
-def read_prompts(path: str | None, pipeline: str) -> tuple[list[str], str]:
-    """The prompts of ``path`` (one per line, blank lines skipped) and the sha256 of its bytes; without a file,
-    digits-cond's ``DIGITS_PROMPTS``."""
-    if path is None:
-        if pipeline != EMBEDDED_MODEL:
-            raise ValueError(f"pass a prompt file (--prompts FILE, one prompt per line) to sample {pipeline}.")
-        data = ("\n".join(DIGITS_PROMPTS) + "\n").encode()
-    else:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"prompt file {path} does not exist; pass a text file with one prompt per line.")
-        data = Path(path).read_bytes()
-    prompts = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompt; write one prompt per line.")
-    return prompts, hashlib.sha256(data).hexdigest()
-
-
 def candidate_seed(seed: int, prompt_index: int, candidate: int) -> int:
     """The seed of candidate ``candidate`` of prompt ``prompt_index``: independent streams from one base seed."""
     return int(np.random.SeedSequence([seed, prompt_index, candidate]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def sampling_settings(pipeline, config: PairsConfig) -> dict:
-    """Sampler, NFE and guidance: the given ones, else digits-cond's ``DIGITS_SAMPLING`` or the pipeline's own."""
-    if config.pipeline == EMBEDDED_MODEL:
-        defaults = DIGITS_SAMPLING
-    else:
-        parameters = inspect.signature(pipeline.__call__).parameters
-        defaults = {
-            "sampler": type(pipeline.scheduler).__name__,
-            "nfe": parameters["num_inference_steps"].default,
-            "guidance_scale": parameters["guidance_scale"].default,
-        }
-    given = {"sampler": config.sampler, "nfe": config.nfe, "guidance_scale": config.guidance_scale}
-    return {key: defaults[key] if value is None else value for key, value in given.items()}
 
 
 @torch.no_grad()
@@ -215,7 +160,7 @@ def make_pairs(config: PairsConfig, progress: bool = True) -> Path:
     reward = load_reward(config.reward, device=device, revision=config.reward_revision)  # before sampling: fail fast
     pipeline = load_backbone(config.pipeline, config.revision, config.variant).pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
-    settings = sampling_settings(pipeline, config)
+    settings = resolve_sampling(pipeline, config.sampler, config.nfe, config.guidance_scale)
     if settings["sampler"] != type(pipeline.scheduler).__name__:
         from ..samplers import swap_scheduler
 

@@ -50,11 +50,19 @@ class RankDPOOptions:
         "the paper's raw weighted sum",
         GROUP,
     )
+    rankdpo_tie_margin: float = option(
+        0.0,
+        "'synpic' gains: a candidate beats another only when its reward is higher by more than this (0: any strict "
+        "difference, Alg. 1); > 0 for a saturated reward (digits' log p ~ 0), whose near-ties differ by rounding",
+        GROUP,
+    )
 
     def __post_init__(self):
         validate_choices(self)
         if self.rankdpo_beta <= 0:
             raise ValueError(f"rankdpo_beta must be > 0, got {self.rankdpo_beta}.")
+        if self.rankdpo_tie_margin < 0:
+            raise ValueError(f"rankdpo_tie_margin must be >= 0, got {self.rankdpo_tie_margin}.")
 
 
 def stored_order_scores(batch_size: int, num_candidates: int) -> torch.Tensor:
@@ -74,7 +82,9 @@ class RankDPO(PreferenceMethod):
 
     def gains(self, scores: torch.Tensor) -> torch.Tensor:
         """(B, K) reward scores -> (B, K) phi of the DCG gains (``--rankdpo_gain``)."""
-        return synpic_scores(scores) if self.options.rankdpo_gain == "synpic" else scores.float()
+        if self.options.rankdpo_gain == "synpic":
+            return synpic_scores(scores, self.options.rankdpo_tie_margin)
+        return scores.float()
 
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         size, num_candidates = inputs.policy_errors.shape[:2]

@@ -5,9 +5,11 @@ noise provider, the reference and policy forwards, the method), and step AdamW w
 and an LR schedule. LoRA trains adapters on the UNet and uses the same UNet with its adapters disabled as the
 reference (one UNet in memory); full fine-tuning trains the UNet against a frozen copy.
 
-Reproducibility: the data order is a permutation seeded by (seed, epoch), and each record's timestep and noise come
-from a generator seeded by (seed, epoch, record index). So a run gives the same numbers on 1 or N processes at the
-same global batch, and a resumed run continues the same loss curve.
+Reproducibility: the data order is a permutation seeded by (seed, epoch) (``feed.py``; with ``--streaming`` each
+process's share of the stream, shuffled through a buffer seeded by (seed, epoch)), and each record's timestep and
+noise come from a generator seeded by (seed, epoch, record index). So a run gives the same numbers on 1 or N
+processes at the same global batch (a stream: at the same process count), and a resumed run continues the same loss
+curve.
 
 Checkpoints (``checkpoint-<step>``, ``checkpoints.py``) are accelerate states written to a temporary folder and
 renamed into place, with the run's config; the history is appended to ``history.jsonl`` step by step. A non-finite
@@ -18,8 +20,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +33,9 @@ from tqdm.auto import tqdm
 
 from .checkpoints import RESUME_KEYS, RunHistory, find_checkpoint, lora_hooks, read_checkpoint, save_checkpoint
 from .config import EMBEDDED_MODEL, TrainConfig
-from .data import collate_preferences, load_preferences
+from .data import load_preferences
 from .eval_hook import TrainingEvaluator
+from .feed import MapFeed, StreamFeed, make_feed
 from .methods import PreferenceMethod, build_method, method_options
 from .models import DTYPES, Backbone, load_backbone
 from .replay import ReplayBuffer, register_process_state
@@ -51,31 +54,6 @@ class TrainResult:
     unet: torch.nn.Module | None = None
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation of ``range(n)`` seeded by (seed, epoch): the same on every process and after a resume.
-
-    The trainer sets ``epoch`` before each pass. There is deliberately no ``set_epoch`` method: accelerate's prepared
-    loader calls ``set_epoch(its own iteration count)`` on the sampler each time it is iterated, and that count lags
-    behind the trainer's epoch after a ``skip_first_batches`` copy has served the first (or resumed) epoch.
-    """
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
-
-
-def epoch_batches(accelerator: Accelerator, loader, sampler: EpochShuffleSampler, epoch: int, skip: int):
-    """The prepared ``loader``'s batches of ``epoch`` in the order of (seed, epoch), the first ``skip`` left out."""
-    sampler.epoch = epoch
-    return accelerator.skip_first_batches(loader, skip) if skip else loader
-
-
 def _set_attention(unet, name: str) -> None:
     if name == "default":
         return
@@ -90,9 +68,12 @@ def _set_attention(unet, name: str) -> None:
 
 
 def build_dataset(config: TrainConfig, backbone: Backbone, accelerator: Accelerator):
-    """The decoded records of ``--dataset`` (digits-cond without one: pairs of its own samples), or their latent
-    cache in ``--cache_dir`` (built first if needed)."""
+    """The decoded records of ``--dataset`` (digits-cond without one: pairs of its own samples; ``--streaming``:
+    this process's share of the stream), or their latent cache in ``--cache_dir`` (built first if needed; the cache
+    of a stream is read as a dataset of known length)."""
     if backbone.kind == "digits-clips":  # video: clip pairs (dense_pairs.py)
+        if config.streaming:
+            raise ValueError("--streaming reads image tables; clip pairs of digits-clips are read whole. Drop it.")
         from .dense_pairs import build_clip_dataset
 
         return build_clip_dataset(config, backbone, accelerator)
@@ -118,10 +99,15 @@ def build_dataset(config: TrainConfig, backbone: Backbone, accelerator: Accelera
         jsonl_name=config.jsonl_name,
         image_root=config.image_root,
         max_samples=config.max_train_samples,
+        streaming=config.streaming,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        seed=config.seed if config.cache_dir is None else None,  # a streamed cache is built unshuffled
+        buffer_size=config.shuffle_buffer,
     )
     if config.cache_dir is None:
         return records
-    from .cache import CachedPreferences, build_cache
+    from .cache import CachedPreferences, build_cache, build_streaming_cache
 
     meta = dict(
         model=config.pretrained_model_name_or_path,
@@ -132,7 +118,8 @@ def build_dataset(config: TrainConfig, backbone: Backbone, accelerator: Accelera
         dataset=dataset_path,
         max_samples=config.max_train_samples,
     )
-    build_cache(records, backbone, config.cache_dir, meta, accelerator)
+    build = build_streaming_cache if config.streaming else build_cache
+    build(records, backbone, config.cache_dir, meta, accelerator)
     return CachedPreferences(config.cache_dir)
 
 
@@ -208,22 +195,6 @@ def prepare_models(config: TrainConfig, backbone: Backbone, accelerator: Acceler
     return unet, reference
 
 
-def make_loader(config: TrainConfig, dataset) -> tuple[torch.utils.data.DataLoader, EpochShuffleSampler]:
-    """Full batches of ``--train_batch_size`` records in the (seed, epoch) order of an ``EpochShuffleSampler``."""
-    sampler = EpochShuffleSampler(len(dataset), config.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.train_batch_size,
-        sampler=sampler,
-        collate_fn=collate_preferences,
-        num_workers=config.dataloader_num_workers,
-        drop_last=True,
-    )
-    if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} records is fewer than --train_batch_size {config.train_batch_size}.")
-    return loader, sampler
-
-
 def make_optimizer(config: TrainConfig, unet, num_processes: int):
     """AdamW over the trainable parameters and the LR schedule -> (optimizer, lr_scheduler)."""
     from diffusers.optimization import get_scheduler
@@ -257,8 +228,7 @@ class Run:
     unet: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
-    loader: torch.utils.data.DataLoader
-    sampler: EpochShuffleSampler
+    feed: MapFeed | StreamFeed
     step: PreferenceStep
     result: TrainResult
     history: RunHistory
@@ -342,9 +312,7 @@ def evaluation(run: Run) -> dict[str, float]:
 def train_loop(run: Run) -> None:
     """Epochs of micro-steps from ``run.result.global_step`` (skipping what a resumed epoch already saw)."""
     config, accelerator, result = run.config, run.accelerator, run.result
-    steps_per_epoch = math.ceil(len(run.loader) / config.gradient_accumulation_steps)  # accelerate syncs at epoch end
-    first_epoch, steps_into_epoch = divmod(result.global_step, steps_per_epoch)
-    skip = steps_into_epoch * config.gradient_accumulation_steps
+    first_epoch, skip = run.feed.resume_point(result.global_step)
     bar = tqdm(
         total=config.max_train_steps,
         initial=result.global_step,
@@ -352,8 +320,10 @@ def train_loop(run: Run) -> None:
         disable=not (config.progress_bar and accelerator.is_local_main_process),
     )
     sums: dict[str, torch.Tensor] = {}
-    for epoch in range(first_epoch, math.ceil(config.max_train_steps / steps_per_epoch)):
-        for batch in epoch_batches(accelerator, run.loader, run.sampler, epoch, skip if epoch == first_epoch else 0):
+    for epoch in itertools.count(first_epoch):
+        micro_steps = 0
+        for batch in run.feed.batches(epoch, skip if epoch == first_epoch else 0):
+            micro_steps += 1
             loss, metrics = optimizer_micro_step(run, batch, epoch)
             for key, value in {"loss": loss, **metrics, "skipped": batch["skipped"]}.items():
                 value = torch.as_tensor(value, dtype=torch.float32, device=loss.device)
@@ -365,6 +335,11 @@ def train_loop(run: Run) -> None:
                     break
         if result.global_step >= config.max_train_steps:
             break
+        if micro_steps == 0 and not (epoch == first_epoch and skip):
+            raise ValueError(
+                f"epoch {epoch} gave no full optimizer step: some process has fewer than --train_batch_size x "
+                "--gradient_accumulation_steps readable records in its share. Use fewer processes or a smaller batch."
+            )
     bar.close()
 
 
@@ -393,9 +368,9 @@ def train(config: TrainConfig) -> TrainResult:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     backbone = load_backbone(config.pretrained_model_name_or_path, config.revision, config.variant)
     unet, reference = prepare_models(config, backbone, accelerator, weight_dtype)
-    loader, sampler = make_loader(config, build_dataset(config, backbone, accelerator))
     optimizer, lr_scheduler = make_optimizer(config, unet, accelerator.num_processes)
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    feed = make_feed(build_dataset(config, backbone, accelerator), config, accelerator)
     if config.finetune == "lora":
         lora_hooks(accelerator)
     step = PreferenceStep(config, method, backbone, unet, reference, accelerator, weight_dtype)
@@ -404,7 +379,7 @@ def train(config: TrainConfig) -> TrainResult:
         register_process_state(accelerator, "replay", step.replay.state_dict, step.replay.load_state_dict)
     result = TrainResult(Path(config.output_dir))
     history = RunHistory(result.output_dir)
-    run = Run(config, accelerator, method, unet, optimizer, lr_scheduler, loader, sampler, step, result, history)
+    run = Run(config, accelerator, method, unet, optimizer, lr_scheduler, feed, step, result, history)
     run.run_config = dict(dataclasses.asdict(config), num_processes=accelerator.num_processes)
     run.resume_keys = RESUME_KEYS + tuple(dataclasses.asdict(method_options(type(method), config)))
     method.attach(accelerator, accelerator.unwrap_model(unet))

@@ -44,7 +44,30 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 @dataclass
-class EvalConfig:
+class SamplingOptions:
+    """How ``diffalign eval`` and ``diffalign pairs`` sample: the prompts, the sampler, its NFE and guidance."""
+
+    prompts: str | None = option(
+        None,
+        "text file, one prompt per line (blank lines skipped); default for digits-cond: its ten digit prompts",
+        "sampling",
+    )
+    sampler: str | None = option(
+        None,
+        "diffalign.samplers registry name or diffusers scheduler class name (default: DDIMScheduler for "
+        "digits-cond, the pipeline's own scheduler otherwise)",
+        "sampling",
+    )
+    nfe: int | None = option(None, "sampling steps (default: 2 for digits-cond, the pipeline's default)", "sampling")
+    guidance_scale: float | None = option(
+        None,
+        "classifier-free guidance scale (default: 1.0 = off for digits-cond, else the pipeline's default)",
+        "sampling",
+    )
+
+
+@dataclass
+class EvalConfig(SamplingOptions):
     """Options of one ``diffalign eval`` run: tuned vs base model on fixed prompts and seeds."""
 
     # models
@@ -66,25 +89,8 @@ class EvalConfig:
     device: str | None = option(None, "device (default: cuda when available, else cpu)", "models")
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "dtype of the pipelines", "models")
     # sampling
-    prompts: str | None = option(
-        None,
-        "text file, one prompt per line (blank lines skipped); default for digits-cond: its ten digit prompts",
-        "sampling",
-    )
     num_seeds: int = option(10, "seeds per prompt: first_seed, first_seed + 1, ...", "sampling")
     first_seed: int = option(0, "first seed of the initial noise", "sampling")
-    sampler: str | None = option(
-        None,
-        "diffalign.samplers registry name or diffusers scheduler class name (default: DDIMScheduler for "
-        "digits-cond, the pipeline's own scheduler otherwise)",
-        "sampling",
-    )
-    nfe: int | None = option(None, "sampling steps (default: 2 for digits-cond, the pipeline's default)", "sampling")
-    guidance_scale: float | None = option(
-        None,
-        "classifier-free guidance scale (default: 1.0 = off for digits-cond, else the pipeline's default)",
-        "sampling",
-    )
     batch_size: int | None = option(
         None, "images per pipeline call (default: 1000 for digits-cond, 16 otherwise)", "sampling"
     )
@@ -135,7 +141,7 @@ def read_prompts(path: str | None, pipeline_name: str) -> tuple[list[str], str]:
     """
     if path is None:
         if pipeline_name != EMBEDDED_MODEL:
-            raise ValueError(f"pass a prompt file (--prompts FILE, one prompt per line) to evaluate {pipeline_name}.")
+            raise ValueError(f"pass a prompt file (--prompts FILE, one prompt per line) to sample {pipeline_name}.")
         data = ("\n".join(DIGITS_PROMPTS) + "\n").encode()
     else:
         file = Path(path)

@@ -195,19 +195,19 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
             # a polynomial in NFE is unbounded outside its data: measured ratios of -2 at NFE 30 and -17 at NFE 50
             # (digits ratios from NFE 4-15), which diverge. Outside the range run as UniPC instead.
             self.dc_ratios, self.dc_ratio_source = [1.0] * n, "fallback"
-            warn_each_time(
+            self._warn_once(
+                (n, g),
                 f"DCSolverScheduler: NFE {n} is outside the calibrated NFE {min(nfes)}-{max(nfes)}, where CPR would "
                 "extrapolate; running with ratios 1 (UniPC). Calibrate this NFE with `diffalign calibrate`.",
-                stacklevel=2,
             )
         elif self.dc_ratio_source == "cpr" and scales and not min(scales) - 1e-9 <= g <= max(scales) + 1e-9:
             # the same for the guidance scale: CPR is quadratic in it
             self.dc_ratios, self.dc_ratio_source = [1.0] * n, "fallback"
-            warn_each_time(
+            self._warn_once(
+                (n, g),
                 f"DCSolverScheduler: guidance_scale {g:g} is outside the calibrated guidance {min(scales):g}-"
                 f"{max(scales):g}, where CPR would extrapolate; running with ratios 1 (UniPC). Calibrate this "
                 "guidance with `diffalign calibrate`.",
-                stacklevel=2,
             )
         elif self.dc_ratio_source == "fallback":
             warn_each_time(
@@ -216,6 +216,14 @@ class DCSolverScheduler(SideInfoMixin, VPScheduler, ConfigMixin):
                 "the folder with from_pretrained / load_side_info.",
                 stacklevel=2,
             )
+
+    def _warn_once(self, key: tuple, message: str) -> None:
+        """Warn once per instance and (NFE, guidance) that calibrated ratios exist but not for this setting (a
+        benchmark sweeping NFE would otherwise repeat it for every batch); missing ratios warn every time."""
+        warned = self.__dict__.setdefault("_out_of_range_warned", set())
+        if key not in warned:
+            warned.add(key)
+            warn_each_time(message, stacklevel=4)
 
     # ---- stepping -----------------------------------------------------------------------------------------------
     def _reset_solver_state(self) -> None:

@@ -3,7 +3,7 @@
 import torch
 from accelerate import Accelerator
 
-from diffalign.alignment.trainer import EpochShuffleSampler, epoch_batches
+from diffalign.alignment.feed import EpochShuffleSampler, epoch_batches
 
 
 def orders(accelerator, loader, sampler, plan):

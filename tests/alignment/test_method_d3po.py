@@ -110,6 +110,13 @@ def test_pairs_are_best_against_worst_and_ties_are_dropped():
     assert pairs.tolist()[:2] == [[1, 0], [0, 1]] and keep.tolist() == [True, True, False]
     pairs, keep = preference_pairs(torch.tensor([[0.0, 3.0, -2.0]]))
     assert pairs.tolist() == [[1, 2]] and keep.tolist() == [True]
+    # a tie margin drops pairs whose rewards differ by float rounding (digits: log p ~ 0 for both) and keeps the rest
+    scores = torch.tensor([[-1.1921e-07, 0.0], [-2.3, -1e-6], [-5e-4, -2e-3]])
+    pairs, keep = preference_pairs(scores, tie_margin=1e-3)
+    assert pairs.tolist() == [[1, 0], [1, 0], [0, 1]] and keep.tolist() == [False, True, True]
+    assert preference_pairs(scores)[1].tolist() == [True, True, True]  # the official rule: exact ties only
+    with pytest.raises(ValueError, match="d3po_tie_margin"):
+        D3POOptions(d3po_tie_margin=-1.0)
 
 
 def test_d3po_loss_is_log2_at_the_reference_and_descends(pipeline):

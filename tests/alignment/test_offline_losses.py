@@ -117,6 +117,12 @@ def test_synpic_scores_count_wins_over_models_and_candidates():
     torch.testing.assert_close(
         synpic_scores(torch.tensor([[3.0, 1.0, 2.0, 2.0]])), torch.tensor([[1.0, 0, 1 / 3, 1 / 3]])
     )
+    # a tie margin: digits-like log p, three correct candidates apart only by float rounding, one wrong digit
+    saturated = torch.tensor([[0.0, -1.1921e-07, -2.3842e-07, -3.2]])
+    torch.testing.assert_close(synpic_scores(saturated), torch.tensor([[1.0, 2 / 3, 1 / 3, 0.0]]))
+    torch.testing.assert_close(synpic_scores(saturated, tie_margin=1e-3), torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0]]))
+    weights = rankdpo_weights(synpic_scores(saturated, tie_margin=1e-3))  # (1, 4, 4)
+    assert (weights[0, :3, :3] == 0).all() and (weights[0, :3, 3] > 0).all()  # only the pairs with the wrong digit
 
 
 def test_rankdpo_weights_by_hand_k4():

@@ -216,6 +216,11 @@ def test_bench_loads_the_shipped_ratios_and_falls_back_on_a_mismatch(gmm):
     with pytest.warns(UserWarning, match="NFE 30 is outside the calibrated NFE 4-15"):
         s.set_timesteps(30)
     assert s.dc_ratio_source == "fallback" and s.dc_ratios == [1.0] * 30  # CPR gave ratios of -2 there
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s.set_timesteps(30)  # said once per instance and NFE: a sweep over batches does not repeat it
+        s.set_timesteps(31)
+    assert len(caught) == 1 and str(caught[0].message).startswith("DCSolverScheduler: NFE 31 is outside")
     with pytest.warns(UserWarning, match="side information not used.*solver_order"):
         other = make_scheduler(DCSolverScheduler, gmm.scheduler_config, {"solver_order": 3}, GMM_SCHEDULER_DIR)
     assert not other.ratio_table and other.cpr_coeffs is None
