@@ -7,7 +7,9 @@ the grid with the lowest MSE on 150 selection noises (default, time_quadratic, l
 it is the default grid. Every grid is then measured on 128 test noises that no learning or selection step saw,
 against a dopri5 reference (the ODE error of ``diffalign bench``); the training-noise MSE is printed beside it
 (overfitting check). Grids are written as ``learned_grids.safetensors`` + ``.json`` beside the model's
-``scheduler_config.json``. About 2 min for gmm and 15 min for digits on 2 shared CPU cores (mostly references).
+``scheduler_config.json``: the selected one per (solver, NFE), and the GITS and LD3 grids as alternatives (the
+``grid=gits`` / ``grid=ld3`` rows of ``diffalign bench``). About 2 min for gmm and 15 min for digits on 2 shared
+CPU cores (mostly references).
 
     python scripts/learn_grids.py --models gmm --nfe 5 6 8 10 --cache /tmp/grids/cache --out /tmp/grids/gmm.json
     python scripts/learn_grids.py --models digits --nfe 5 6 8 10 --cache /tmp/grids/cache --out /tmp/grids/digits.json
@@ -29,11 +31,12 @@ from diffalign.evaluation.benchmark import make_scheduler
 from diffalign.evaluation.targets import LEARNED_MODEL_RTOL, reference_for
 from diffalign.models.loading import load_model
 from diffalign.samplers import DPMSolverPPScheduler, DPMSolverV3Scheduler
+from diffalign.samplers.ems import EMS_FILE
 from diffalign.samplers.gits import candidate_sigmas, gits_grid, local_error_costs, solve, teacher_trajectory
 from diffalign.samplers.ld3 import ld3_grid
 from diffalign.samplers.learned_grid import LearnedGrids, integer_grid
 from diffalign.samplers.schedule import NoiseScheduleVP, time_grid
-from diffalign.samplers.side_info import schedule_fingerprint
+from diffalign.samplers.side_info import has_side_info, schedule_fingerprint
 
 SOLVERS = {
     "dpm_solver_pp": DPMSolverPPScheduler,
@@ -67,10 +70,14 @@ def fixed_sigmas(schedule: NoiseScheduleVP, nfe: int, spacing: str) -> np.ndarra
     return rhos
 
 
-def references(reference, name: str, guidance_scale: float, shape, rho_T: float, cache: Path | None) -> dict:
-    """``{split: (x_T, reference end point)}`` for ``SEEDS``, read from / written to ``cache`` when given."""
+def references(
+    reference, name: str, guidance_scale: float, shape, rho_T: float, cache: Path | None, fraction: float = 1.0
+) -> dict:
+    """``{split: (x_T, reference end point)}`` for ``SEEDS`` (``fraction`` of each count), read from / written to
+    ``cache`` when given."""
     data = {}
     for split, (seed, n) in SEEDS.items():
+        n = max(8, round(n * fraction))
         path = None if cache is None else cache / f"{name}_g{guidance_scale:g}_{seed}_{n}.pt"
         x = noises(seed, n, shape)
         if path is not None and path.is_file():
@@ -95,9 +102,12 @@ def learn_model(
     ship: bool = True,
     other_scale: float | None = None,
     cache: Path | None = None,
+    fraction: float = 1.0,
 ) -> dict:
     """Learn, select, measure and (with ``ship``) save the grids of ``name``; with ``other_scale`` also measure
-    the grids learned at ``guidance_scale`` at that other scale (overfitting to the guidance scale)."""
+    the grids learned at ``guidance_scale`` at that other scale (overfitting to the guidance scale). ``fraction``
+    shrinks every set of noises (quick runs). DPM-Solver-v3 is left out for a model without shipped EMS (it would
+    be DPM-Solver++)."""
     torch.set_num_threads(1)
     target = load_model(name)
     guided = target.with_guidance(guidance_scale)
@@ -108,13 +118,21 @@ def learn_model(
     rtol = 1e-7 if name == "gmm" else LEARNED_MODEL_RTOL
     reference = reference_for(model, config, rtol)
     start = time.perf_counter()
-    data = references(reference, name, guidance_scale, target.sample_shape, rho_T, cache)
-    log = {"model": name, "guidance_scale": guidance_scale, "reference_s": time.perf_counter() - start, "rows": []}
+    data = references(reference, name, guidance_scale, target.sample_shape, rho_T, cache, fraction)
+    log = {
+        "model": name,
+        "guidance_scale": guidance_scale,
+        "fraction": fraction,
+        "reference_s": time.perf_counter() - start,
+        "rows": [],
+    }
     print(f"{name}: references in {log['reference_s']:.0f} s", flush=True)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         schedulers = {label: make_scheduler(cls, config, {}, target.scheduler_dir) for label, cls in SOLVERS.items()}
+    if not has_side_info(target.scheduler_dir, EMS_FILE):
+        del schedulers["dpm_solver_v3"]
     x_gits = data["gits"][0]
     start = time.perf_counter()
     teachers = {}
@@ -163,6 +181,12 @@ def learn_model(
                 record = {k: v for k, v in info.items() if k != "tried"}
                 record.update(method=best, select_mse=row[f"{best}_select"], default_select_mse=row["default_select"])
                 grids.add(scheduler, options[best], g, **record)
+            for method, info in (("gits", gits_info), ("ld3", ld3_info)):  # the bench's `grid=gits|ld3` rows
+                if best != method:
+                    record = {k: v for k, v in info.items() if k != "tried"} | {"method": method}
+                    grids.add(
+                        scheduler, options[method], g, alternative=True, select_mse=row[f"{method}_select"], **record
+                    )
             row["sigmas"] = {method: np.asarray(sigmas).tolist() for method, sigmas in options.items()}
             log["rows"].append(row)
             fixed = "  ".join(f"{k} {row[k + '_test']:.3e}" for k in FIXED)
@@ -208,9 +232,12 @@ def main() -> None:
     parser.add_argument("--no-ship", action="store_true", help="measure only; do not write the grids")
     parser.add_argument("--out", type=Path, help="JSON file for the measurements")
     parser.add_argument("--cache", type=Path, help="folder for the reference end points (reused across runs)")
+    parser.add_argument("--fraction", type=float, default=1.0, help="fraction of every set of noises (quick runs)")
     args = parser.parse_args()
     logs = [
-        learn_model(name, args.nfe, args.guidance_scale, not args.no_ship, args.other_guidance_scale, args.cache)
+        learn_model(
+            name, args.nfe, args.guidance_scale, not args.no_ship, args.other_guidance_scale, args.cache, args.fraction
+        )
         for name in args.models
     ]
     if args.out:

@@ -6,6 +6,8 @@ timestep ``T - 1``) and is compared with an accurate solution of the probability
 (research/benchmark.md). Where the model has a feature space (``digits``), the Fréchet distance of all samples to
 the real data is reported too, beside its floors (a 100-NFE solution's FD, i.e. the model's own, and real-vs-real).
 NFE counts model calls, so two-evaluation solvers (Heun) get the largest step count whose calls fit the budget.
+A sampler with ``grid=...`` (``dpm_solver_v3:grid=ld3``) runs on the model's learned time grids instead
+(``samplers/learned_grid.py``, docs/learned_grids.md), one row per NFE for which a grid is stored.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from tqdm.auto import tqdm
 
 from ..models.loading import DEFAULT_GUIDANCE, EMBEDDED
 from ..options import option, validate_choices
-from ..samplers import SCHEDULERS, NoiseScheduleVP, get_scheduler_class, keep_model_keys, model_output
+from ..samplers import SCHEDULERS, LearnedGrids, NoiseScheduleVP, get_scheduler_class, keep_model_keys, model_output
+from ..samplers.learned_grid import GRIDS_FILE
 from ..samplers.side_info import SideInfoMixin, has_side_info
-from .sampling import sample
+from .sampling import sample, sample_on_grid
 from .targets import BenchTarget, load_target
 
 DIFFUSERS_BASELINES = (
@@ -74,6 +77,42 @@ def parse_sampler(spec: str) -> tuple[str, type, dict]:
     if name in DIFFUSERS_BASELINES or (hasattr(diffusers, name) and name not in SCHEDULERS):
         label = f"diffusers {label}"
     return label, get_scheduler_class(name), overrides
+
+
+GRID_OPTIONS = ("grid", "grid_guidance")
+"""Sampler options that are not scheduler config keys. ``grid=learned`` runs the sampler on the learned grid that
+``set_timesteps(n)`` would pick from the model's ``learned_grids.*`` (whichever method won its selection);
+``grid=gits`` / ``grid=ld3`` on that method's grid; ``grid_guidance=s`` takes the grids learned at guidance scale
+``s`` instead of the run's (a grid evaluated at a guidance scale it was not learned for)."""
+
+
+def split_grid_options(overrides: dict) -> tuple[dict, dict]:
+    """A parsed sampler's overrides -> (scheduler config overrides, ``GRID_OPTIONS`` given)."""
+    grid = {k: v for k, v in overrides.items() if k in GRID_OPTIONS}
+    if grid and "grid" not in grid:
+        raise ValueError(f"grid_guidance={grid['grid_guidance']} needs grid=learned|gits|ld3 in the same sampler.")
+    return {k: v for k, v in overrides.items() if k not in GRID_OPTIONS}, grid
+
+
+def load_bench_grids(target: BenchTarget, label: str) -> LearnedGrids:
+    """The learned grids in the model's scheduler folder, checked against its schedule and weights."""
+    if target.side_info is None or not has_side_info(target.side_info, GRIDS_FILE):
+        raise ValueError(
+            f"sampler {label!r} runs on learned grids, but {target.name} has no {GRIDS_FILE}.safetensors/.json in "
+            f"its scheduler folder ({target.side_info}); compute them with `diffalign calibrate --model "
+            f"{target.name} --grid gits|ld3 --solver NAME --nfe ...`."
+        )
+    grids = LearnedGrids.load(target.side_info)
+    grids.check_schedule(NoiseScheduleVP.from_config(target.scheduler_config), f" in {target.side_info}")
+    if target.fingerprint is not None:
+        grids.check_model(target.fingerprint)
+    return grids
+
+
+def grid_for(grids: LearnedGrids, cls: type, nfe: int, grid: dict, guidance_scale: float | None):
+    """The sigmas a ``grid=...`` sampler runs on at ``nfe`` (``GRID_OPTIONS``), or None."""
+    method = None if grid["grid"] == "learned" else grid["grid"]
+    return grids.get(cls.__name__, nfe, grid.get("grid_guidance", guidance_scale), method)
 
 
 def _parse_value(raw: str):
@@ -130,11 +169,14 @@ def steps_for_nfe(scheduler, nfe: int) -> int:
 
 
 @torch.no_grad()
-def run_sampler(scheduler, model: Callable, x_T: torch.Tensor, steps: int) -> tuple[torch.Tensor, int, float]:
-    """Sample from ``x_T`` (B, ...); returns (x_0, model calls, seconds)."""
+def run_sampler(
+    scheduler, model: Callable, x_T: torch.Tensor, steps: int | None = None, sigmas=None
+) -> tuple[torch.Tensor, int, float]:
+    """Sample from ``x_T`` (B, ...) with ``steps`` steps or on the grid ``sigmas``; returns (x_0, model calls,
+    seconds)."""
     counted = _CountingModel(model)
     start = time.perf_counter()
-    x = sample(counted, x_T, scheduler, steps)
+    x = sample(counted, x_T, scheduler, steps) if sigmas is None else sample_on_grid(counted, x_T, scheduler, sigmas)
     return x, counted.calls, time.perf_counter() - start
 
 
@@ -153,7 +195,17 @@ def run_benchmark(
     The reference ODE solution (the expensive part on learned models) is computed for the first
     ``reference_samples`` starting noises of each seed, and the MSE is averaged over those; FD uses all samples.
     """
-    specs = [parse_sampler(s) for s in (samplers or default_samplers())]
+    specs = []
+    for spec in samplers or default_samplers():
+        label, cls, overrides = parse_sampler(spec)
+        overrides, grid = split_grid_options(overrides)
+        grids = load_bench_grids(target, label) if grid else None
+        if grid and all(grid_for(grids, cls, nfe, grid, target.guidance_scale) is None for nfe in nfes):
+            raise ValueError(
+                f"no {grid['grid']} grid for {label!r} at NFE {list(nfes)} in {target.side_info}; the file has "
+                f"{sorted(grids.grids)}."
+            )
+        specs.append((label, cls, overrides, grid, grids))
     rows = []
     bar = tqdm(total=len(specs) * len(nfes) * len(seeds), disable=not progress, desc=f"bench {target.name}")
     for seed in seeds:
@@ -171,12 +223,18 @@ def run_benchmark(
                 make_scheduler(cls, target.scheduler_config, overrides, target.side_info), target.model, x_T, 100
             )
             rows.append(dict(sampler=REFERENCE, nfe=100, nfe_used=100, seed=seed, mse=None, fd=target.fd(x_floor)))
-        for label, cls, overrides in specs:
+        for label, cls, overrides, grid, grids in specs:
             scheduler = make_scheduler(cls, target.scheduler_config, overrides, target.side_info)
             for nfe in nfes:
                 bar.set_postfix_str(f"{label} NFE {nfe}")
-                steps = steps_for_nfe(scheduler, nfe)
-                x0, calls, seconds = run_sampler(scheduler, target.model, x_T, steps)
+                if grid:
+                    sigmas = grid_for(grids, cls, nfe, grid, target.guidance_scale)
+                    if sigmas is None:  # no row: nothing was learned for this NFE
+                        bar.update()
+                        continue
+                    x0, calls, seconds = run_sampler(scheduler, target.model, x_T, sigmas=sigmas)
+                else:
+                    x0, calls, seconds = run_sampler(scheduler, target.model, x_T, steps_for_nfe(scheduler, nfe))
                 x0 = x0.to(torch.float64)
                 rows.append(
                     dict(
@@ -314,7 +372,11 @@ class BenchConfig:
         "embedded 'digits' (small UNet, FD-digits) or 'gmm' (analytic, exact reference), or a diffusers pipeline "
         "folder / hub id",
     )
-    samplers: list[str] | None = option(None, "names or 'name:key=value,...'; None: ours + diffusers'")
+    samplers: list[str] | None = option(
+        None,
+        "names or 'name:key=value,...'; 'name:grid=learned|gits|ld3[,grid_guidance=S]' runs on the model's learned "
+        "time grids; None: ours + diffusers'",
+    )
     nfe: list[int] = option(DEFAULT_NFE, "NFE grid")
     num_samples: int = option(400, "samples per seed")
     seeds: list[int] = option((0, 1), "starting-noise seeds")

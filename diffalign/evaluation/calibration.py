@@ -102,13 +102,21 @@ def run_ems(config: EMSConfig) -> Path:
     return folder
 
 
+DC_OUT = "dc_calibration"
+"""Where ``diffalign calibrate`` writes DC-Solver ratios unless ``--out`` is given."""
+
+
 @dataclass
 class CalibrateConfig:
     """Options of ``diffalign calibrate``."""
 
-    model: str = option("gmm", "'gmm', 'digits' or 'digits-cond'")
+    model: str = option("gmm", "'gmm', 'digits', 'digits-cond'; with --grid also a diffusers pipeline folder")
     nfe: list[int] = option(_default(calibrate_dc, "nfe"), "NFE values")
-    guidance_scale: list[float] = option([_default(calibrate_dc, "guidance_scale")], "CFG scales, digits-cond only")
+    guidance_scale: list[float] = option(
+        [_default(calibrate_dc, "guidance_scale")],
+        "CFG scales of conditional models (digits-cond, text pipelines); --grid uses the first",
+    )
+    prompts: list[str] | None = option(None, "--grid on a text pipeline: prompts, cycled over the batch")
     options: str | None = option(None, "DC-Solver config overrides 'key=value,...', e.g. 'solver_order=3,dc_order=1'")
     n_datapoints: int = option(_default(calibrate_dc, "n_datapoints"), "starting noises searched on")
     seed: int = option(_default(calibrate_dc, "seed"), "seed of the starting noises")
@@ -117,12 +125,23 @@ class CalibrateConfig:
     cpr_preview: list[int] | None = option(None, "also print the CPR ratios for these NFE values")
     grid: Literal["dc", "gits", "ld3"] = option("dc", "what to calibrate: DC-Solver ratios, or a GITS / LD3 time grid")
     solver: str = option("dpm_solver_v3", "--grid only: the scheduler the grid is for (ours or a diffusers class)")
-    out: str = option("dc_calibration", "output folder")
+    grid_noises: int | None = option(
+        None, "--grid only: noises learned on; None: 16 GITS teachers, 100 LD3 training noises (+ half for validation)"
+    )
+    grid_candidates: int = option(80, "--grid gits only: candidate sigmas (about 9 model calls each)")
+    out: str | None = option(
+        None, f"output folder; None: '{DC_OUT}' for DC ratios, the model's scheduler folder for --grid"
+    )
 
     def __post_init__(self):
         validate_choices(self)
         if min(self.nfe) < 1:
             raise ValueError(f"--nfe must be >= 1, got {self.nfe}")
+        if self.grid == "dc" and self.model not in EMBEDDED:
+            raise ValueError(
+                f"DC-Solver ratios are calibrated for the embedded models {EMBEDDED}, not {self.model!r}; "
+                "a pipeline folder takes --grid gits|ld3."
+            )
         self.overrides()  # a malformed --options fails here, before any work
 
     def overrides(self) -> dict:
@@ -175,7 +194,7 @@ def run_calibration(config: CalibrateConfig) -> DCSolverScheduler:
         num_iters=config.num_iters,
         lr=config.lr,
     )
-    write_calibration(scheduler, config.out)
+    write_calibration(scheduler, config.out or DC_OUT)
     return scheduler
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..samplers import model_output
+from ..samplers import model_output, set_grid
 
 
 @torch.no_grad()
@@ -32,6 +32,18 @@ def sample(
         scheduler.set_timesteps(**set_timesteps_kwargs)
     else:
         scheduler.set_timesteps(num_inference_steps, **set_timesteps_kwargs)
+    return denoise(model, x_T, scheduler, cond, progress)
+
+
+@torch.no_grad()
+def sample_on_grid(model: Callable, x_T: torch.Tensor, scheduler, sigmas, cond=None) -> torch.Tensor:
+    """``sample`` on the time grid ``sigmas`` (n + 1 diffusers sigmas, last 0), for any scheduler (``set_grid``)."""
+    set_grid(scheduler, sigmas)
+    return denoise(model, x_T, scheduler, cond)
+
+
+def denoise(model: Callable, x_T: torch.Tensor, scheduler, cond=None, progress: bool = False) -> torch.Tensor:
+    """The loop over ``scheduler.timesteps`` (already set) from ``x_T`` (B, ...); returns x_0 (B, ...)."""
     x = x_T * scheduler.init_noise_sigma
     for t in tqdm(scheduler.timesteps, disable=not progress, leave=False, desc=type(scheduler).__name__):
         x_in = scheduler.scale_model_input(x, t)

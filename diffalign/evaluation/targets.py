@@ -40,7 +40,11 @@ class BenchTarget:
     dtype: torch.dtype = torch.float32
     fd_name: str = "FD-digits"
     side_info: Path | None = None
-    """Folder with learned scheduler side information (v3 EMS, DC ratios) for this model, if any."""
+    """Folder with learned scheduler side information (v3 EMS, DC ratios, learned grids) for this model, if any."""
+    fingerprint: str | None = None
+    """``model_fingerprint`` of the weights, which learned grids are checked against."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale ``model`` runs at (None: unconditional); picks the learned grids for it."""
 
 
 def reference_for(model, scheduler_config: dict, rtol: float):
@@ -61,7 +65,13 @@ def bench_target(
         gmm = spec.network
         reference = lambda x_T, rho_T: gmm.reference_solution(x_T, rho_T, 0.0)  # noqa: E731
         return BenchTarget(
-            spec.name, spec.model, spec.scheduler_config, spec.sample_shape, reference, side_info=spec.scheduler_dir
+            spec.name,
+            spec.model,
+            spec.scheduler_config,
+            spec.sample_shape,
+            reference,
+            side_info=spec.scheduler_dir,
+            fingerprint=spec.fingerprint,
         )
     target = BenchTarget(
         spec.name,
@@ -71,6 +81,8 @@ def bench_target(
         reference_for(spec.model, spec.scheduler_config, reference_rtol),
         dtype=spec.dtype,
         side_info=spec.scheduler_dir,
+        fingerprint=spec.fingerprint,
+        guidance_scale=spec.guidance_scale,
     )
     if spec.name in ("digits", "digits-cond"):  # samples clamped to [-1, 1], as a pipeline outputs them
         target.fd = lambda images: fd_digits(images.clamp(-1, 1))

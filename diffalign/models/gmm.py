@@ -62,6 +62,7 @@ class GaussianMixture(ModelMixin, ConfigMixin):
             raise ValueError(f"in_channels * sample_size^2 = {in_channels * sample_size**2} must equal dim={dim}.")
         K, D = num_components, dim
         self.register_buffer("means", torch.zeros(K, D, dtype=torch.float64))  # (K, D)
+        self.register_buffer("covariances", torch.eye(D, dtype=torch.float64).repeat(K, 1, 1))  # (K, D, D) S_k
         self.register_buffer("eigvecs", torch.eye(D, dtype=torch.float64).repeat(K, 1, 1))  # (K, D, D) columns
         self.register_buffer("eigvals", torch.ones(K, D, dtype=torch.float64))  # (K, D)
         self.register_buffer("log_weights", torch.full((K,), -math.log(K), dtype=torch.float64))  # (K,)
@@ -79,15 +80,27 @@ class GaussianMixture(ModelMixin, ConfigMixin):
         weights = weights.to(torch.float64)
         if weights.shape != (K,) or torch.any(weights <= 0):
             raise ValueError(f"weights must be {K} positive numbers, got {weights.tolist()}.")
-        eigvals, eigvecs = torch.linalg.eigh(0.5 * (covs + covs.transpose(1, 2)))
+        covs = 0.5 * (covs + covs.transpose(1, 2))
+        eigvals, eigvecs = torch.linalg.eigh(covs)
         if torch.any(eigvals <= 0):
             raise ValueError("covariances must be positive definite (add a small multiple of the identity).")
         model = cls(num_components=K, dim=D, **config)
         model.means.copy_(means)
+        model.covariances.copy_(covs)
         model.eigvecs.copy_(eigvecs)
         model.eigvals.copy_(eigvals)
-        model.log_weights.copy_(torch.log(weights / weights.sum()))
+        total = weights.sum().item()
+        model.log_weights.copy_(torch.tensor([math.log(w / total) for w in weights.tolist()], dtype=torch.float64))
         return model
+
+    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
+        """What defines the mixture, for ``samplers.side_info.model_fingerprint``: means, covariances, weights.
+
+        Not the eigendecomposition: LAPACK's eigenvectors differ in their last bits with the thread count (and in
+        the repeated eigenvalues of the digits' constant pixels, in direction), so hashing them gave every process
+        its own fingerprint.
+        """
+        return {"means": self.means, "covariances": self.covariances, "log_weights": self.log_weights}
 
     @classmethod
     def from_digits(cls, pixel_floor: float = 0.05, **config) -> GaussianMixture:
@@ -99,13 +112,17 @@ class GaussianMixture(ModelMixin, ConfigMixin):
         from sklearn.datasets import load_digits
 
         data = load_digits()
-        x = data.images.reshape(len(data.images), -1) / 8.0 - 1.0  # (1797, 64) in [-1, 1]
+        pixels = data.images.reshape(len(data.images), -1).astype(np.int64)  # (1797, 64) integers 0..16
         means, covs, weights = [], [], []
         for k in range(10):
-            xk = x[data.target == k]
-            means.append(xk.mean(0))
-            covs.append(np.cov(xk, rowvar=False) + pixel_floor**2 * np.eye(64))
-            weights.append(len(xk))
+            a = pixels[data.target == k]  # (n, 64); x = a / 8 - 1 in [-1, 1]
+            n, s = len(a), a.sum(0)  # (64,) exact integer sums
+            means.append((s - 8 * n) / (8 * n))
+            # unbiased covariance of x = (n sum a a^T - s s^T) / (64 n (n - 1)): integers, then one rounding per
+            # entry, so the bits do not depend on BLAS threads or CPU (np.cov's matrix product does)
+            scatter = n * np.einsum("ni,nj->ij", a, a) - np.outer(s, s)  # (64, 64) exact
+            covs.append(scatter / (64 * n * (n - 1)) + pixel_floor**2 * np.eye(64))
+            weights.append(n)
         config.setdefault("sample_size", 8)
         return cls.from_parameters(np.stack(means), np.stack(covs), np.asarray(weights, float), **config)
 

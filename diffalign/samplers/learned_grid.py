@@ -33,10 +33,13 @@ GRIDS_FILE = "learned_grids"
 FORMAT = "diffalign.learned_grids/1"
 
 
-def grid_key(solver: str, nfe: int, guidance_scale: float | None = None) -> str:
-    """The table key of one grid: ``"UniPCMultistepScheduler/nfe=5"`` or ``".../nfe=5/guidance_scale=7.5"``."""
+def grid_key(solver: str, nfe: int, guidance_scale: float | None = None, method: str | None = None) -> str:
+    """The table key of one grid: ``"UniPCMultistepScheduler/nfe=5"`` or ``".../nfe=5/guidance_scale=7.5"``; with
+    ``method``, the key of an alternative kept beside the selected grid (``".../nfe=5/method=gits"``)."""
     key = f"{solver}/nfe={int(nfe)}"
-    return key if guidance_scale is None else f"{key}/guidance_scale={float(guidance_scale):g}"
+    if guidance_scale is not None:
+        key = f"{key}/guidance_scale={float(guidance_scale):g}"
+    return key if method is None else f"{key}/method={method}"
 
 
 def solver_name(scheduler) -> str:
@@ -65,19 +68,39 @@ class LearnedGrids:
     grids: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict[str, dict] = field(default_factory=dict)
 
-    def add(self, solver: str, sigmas, guidance_scale: float | None = None, **info) -> str:
-        """Store ``sigmas`` (n + 1 values, n = NFE) for ``solver``; ``info`` (method, losses, ...) goes to the JSON."""
+    def add(self, solver: str, sigmas, guidance_scale: float | None = None, alternative: bool = False, **info) -> str:
+        """Store ``sigmas`` (n + 1 values, n = NFE) for ``solver``; ``info`` (method, losses, ...) goes to the JSON.
+
+        The grid becomes the selected one for (solver, NFE, guidance scale), which ``set_timesteps`` uses; with
+        ``alternative`` it is kept beside it under its ``info["method"]`` instead (``get(..., method=)``, and the
+        ``grid=<method>`` rows of ``diffalign bench``).
+        """
         rhos = check_sigmas(sigmas)
-        key = grid_key(solver_name(solver), len(rhos) - 1, guidance_scale)
+        if alternative and "method" not in info:
+            raise ValueError("an alternative grid is stored under its method: pass method='gits' (or the like).")
+        key = grid_key(solver_name(solver), len(rhos) - 1, guidance_scale, info["method"] if alternative else None)
         self.grids[key] = rhos
         self.info[key] = dict(info)
         return key
 
-    def get(self, solver, nfe: int, guidance_scale: float | None = None) -> np.ndarray | None:
-        """The grid for (solver, nfe, guidance scale), falling back to the grid learned without a guidance scale."""
-        for key in (grid_key(solver_name(solver), nfe, guidance_scale), grid_key(solver_name(solver), nfe)):
-            if key in self.grids:
-                return self.grids[key]
+    def get(
+        self, solver, nfe: int, guidance_scale: float | None = None, method: str | None = None
+    ) -> np.ndarray | None:
+        """The grid for (solver, nfe, guidance scale), falling back to the grid learned without a guidance scale.
+
+        ``method`` None: the selected grid. A method (``"gits"``, ``"ld3"``): its alternative, or the selected grid
+        when that one was made by ``method``; None when there is neither.
+        """
+        name = solver_name(solver)
+        for scale in dict.fromkeys((guidance_scale, None)):
+            selected = grid_key(name, nfe, scale)
+            if method is None and selected in self.grids:
+                return self.grids[selected]
+            if method is not None:
+                if grid_key(name, nfe, scale, method) in self.grids:
+                    return self.grids[grid_key(name, nfe, scale, method)]
+                if selected in self.grids and self.info[selected].get("method") == method:
+                    return self.grids[selected]
         return None
 
     def save(self, directory: str | os.PathLike) -> Path:

@@ -26,13 +26,19 @@ from safetensors.torch import load_file, save_file
 
 def model_fingerprint(model) -> str:
     """A short identity of a model: a string is kept as is; a ``torch.nn.Module`` hashes its class, parameter and
-    buffer names, shapes and values (sha256)."""
+    buffer names, shapes and values (sha256).
+
+    A module whose state holds values derived at load time with platform-dependent bits (an eigendecomposition)
+    defines ``fingerprint_tensors()``, the named tensors that define it; those are hashed instead of its state dict,
+    so the fingerprint is the same in every process.
+    """
     if isinstance(model, str):
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model_fingerprint takes a torch.nn.Module or a str, got {type(model).__name__}.")
+    tensors = model.fingerprint_tensors() if hasattr(model, "fingerprint_tensors") else model.state_dict()
     digest = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return f"{type(model).__name__}:sha256:{digest.hexdigest()[:16]}"

@@ -69,3 +69,35 @@ def test_bad_parameters_and_inputs(digits_gmm):
         digits_gmm(torch.randn(2, 3, 8, 8), 10)
     with pytest.raises(ValueError, match="timesteps for a batch"):
         digits_gmm(torch.randn(2, 1, 8, 8), torch.tensor([1, 2, 3]))
+
+
+FINGERPRINT = (
+    "import torch; torch.set_num_threads({}); from diffalign.models.gmm import GaussianMixture; "
+    "from diffalign.samplers.side_info import model_fingerprint; "
+    "print(model_fingerprint(GaussianMixture.from_digits()))"
+)
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + diffusers: ~20-45 s on 2 shared cores
+def test_fingerprint_is_the_same_in_every_process_and_matches_the_shipped_side_information(digits_gmm):
+    """Two processes with other BLAS / LAPACK thread counts (their eigenvectors differ in the last bits) agree, and
+    the shipped EMS, DC ratios and learned grids of ``gmm`` record that fingerprint."""
+    import json
+    import subprocess
+    import sys
+
+    from diffalign.models.gmm import GMM_SCHEDULER_DIR
+    from diffalign.samplers.side_info import model_fingerprint
+
+    command = [[sys.executable, "-c", FINGERPRINT.format(n)] for n in (1, 3)]
+    runs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in command]
+    outputs = [run.communicate(timeout=300) for run in runs]  # both at once: (stdout, stderr)
+    printed = [out.strip().splitlines()[-1] if out.strip() else err[-2000:] for out, err in outputs]
+    assert printed[0] == printed[1] == model_fingerprint(digits_gmm), printed
+    for stem in ("dpm_solver_v3_ems", "dc_solver_ratios", "learned_grids"):
+        assert json.loads((GMM_SCHEDULER_DIR / f"{stem}.json").read_text())["model_fingerprint"] == printed[0], stem
+    moved = GaussianMixture.from_digits()
+    moved.eigvecs.neg_()  # another (equally valid) eigenbasis: same mixture, same fingerprint
+    assert model_fingerprint(moved) == printed[0]
+    moved.covariances.mul_(1.01)
+    assert model_fingerprint(moved) != printed[0]

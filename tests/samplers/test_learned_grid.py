@@ -105,3 +105,24 @@ def test_shipped_gmm_grids_load_with_from_pretrained():
             scheduler.sigmas.numpy(), scheduler.learned_sigmas(nfe), rtol=1e-2
         )  # snapped to EMS
     assert scheduler.learned_grids.get("UniPCMultistepScheduler", 5) is not None
+
+
+def test_alternatives_are_kept_beside_the_selected_grid(tmp_path):
+    scheduler = DPMSolverPPScheduler()
+    grids = grids_for(scheduler, method="ld3")
+    other = [157.4, 5.0, 2.0, 0.5, 0.1, 0.0]
+    assert grids.add(scheduler, other, alternative=True, method="gits") == "DPMSolverPPScheduler/nfe=5/method=gits"
+    grids.save(tmp_path)
+    loaded = LearnedGrids.load(tmp_path)
+    assert loaded.get(scheduler, 5) == pytest.approx(GRID) and loaded.get(scheduler, 5, method="ld3") == pytest.approx(
+        GRID
+    )
+    assert loaded.get(scheduler, 5, method="gits") == pytest.approx(other)
+    assert loaded.get(scheduler, 5, 7.5, method="gits") == pytest.approx(other)  # guidance-free fallback
+    assert (
+        loaded.get(scheduler, 5, method="time_quadratic") is None and loaded.get(scheduler, 6, method="gits") is None
+    )
+    scheduler.load_learned_grids(tmp_path).set_timesteps(5)  # set_timesteps takes the selected grid
+    np.testing.assert_allclose(scheduler.sigmas.numpy(), GRID, rtol=1e-6)
+    with pytest.raises(ValueError, match="stored under its method"):
+        grids.add(scheduler, other, alternative=True)
