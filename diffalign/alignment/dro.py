@@ -70,6 +70,13 @@ class DROOptions:
         "method dro (Diffusion-DRO)",
     )
 
+    dro_swap_roles: bool = option(
+        False,
+        "control run: swap the roles of the expert images and the online samples in the hinge (the policy is pulled "
+        "to its own samples and pushed away from the experts); the reward should fall",
+        "method dro (Diffusion-DRO)",
+    )
+
     def __post_init__(self):
         if self.dro_margin < 0:
             raise ValueError(f"dro_margin must be >= 0, got {self.dro_margin}.")
@@ -236,4 +243,11 @@ def dro_forward(step, state: DROState, options: DROOptions, batch: dict, epoch: 
     policy = denoising_errors(step.policy(kwargs2, grad=True)(noisy, t2).float(), target)  # (2 B,)
     expert_policy, online_policy = policy.chunk(2)
     expert_reference, online_reference = reference.chunk(2)
+    if options.dro_swap_roles:  # the control: online samples as the experts, expert images as the online side
+        expert_policy, expert_reference, online_policy, online_reference = (
+            online_policy,
+            online_reference,
+            expert_policy,
+            expert_reference,
+        )
     return dro_loss(expert_policy, expert_reference, online_policy, online_reference, margin=options.dro_margin)

@@ -78,6 +78,16 @@ def test_first_step_is_the_margin_and_the_online_target_is_the_lagged_output(tmp
     assert first["expert_error"] > 1e-3
 
 
+def test_swapped_roles_put_the_online_samples_in_the_experts_place(tmp_path, experts_dir):
+    normal = train(config(tmp_path, experts_dir, "normal", max_train_steps=1)).history[0]
+    swapped = train(config(tmp_path, experts_dir, "swapped", max_train_steps=1, dro_swap_roles=True)).history[0]
+    # the same draws at step 1 (policy = reference = lagged copy): the two sides trade places in the hinge, whose
+    # direction (expert side pulled down, online side pushed up) test_online_losses checks
+    assert normal["expert_error"] > 1e-3 and normal["online_error"] < 1e-10
+    assert swapped["online_error"] == pytest.approx(normal["expert_error"], rel=1e-6)
+    assert swapped["expert_error"] == pytest.approx(normal["online_error"], abs=1e-10)
+
+
 def test_clipping_bounds_the_total_gradient_norm(tmp_path, experts_dir, monkeypatch):
     from accelerate import Accelerator
 
