@@ -133,30 +133,32 @@ def markdown(rows: list[dict], num_seeds: int) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Tuned - base log p(digit) with its 95% interval against policy samples (DRO) / training images (DPO)."""
+    """Left: tuned - base log p(digit); right: win-rate vs base; both with their 95% intervals, against policy samples
+    (DRO) / training images (DPO)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(5.5, 3.5))
-    for model, label in (
-        ("dro", "Diffusion-DRO (online)"),
-        ("dpo", "Diffusion-DPO (offline)"),
-        ("dro_reversed", "DRO reversed roles"),
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    curves = (("dro", "Diffusion-DRO (online)"), ("dpo", "Diffusion-DPO (offline)"), ("dro_reversed", "DRO reversed"))
+    for (key, start, label), axis in zip(
+        (("mean_difference", 0.0, "log p(digit): tuned - base"), ("win_rate", None, "win-rate vs base")),
+        axes,
+        strict=True,
     ):
-        points = sorted((row for row in rows if row["model"] == model), key=lambda row: row["samples"])
-        if not points:
-            continue
-        samples = [0] + [row["samples"] for row in points]
-        means = torch.tensor([0.0] + [row["reward"]["mean_difference"] for row in points])
-        low = torch.tensor([0.0] + [row["reward"]["mean_difference_ci"][0] for row in points])
-        high = torch.tensor([0.0] + [row["reward"]["mean_difference_ci"][1] for row in points])
-        axis.errorbar(samples, means, yerr=[means - low, high - means], marker="o", capsize=3, label=label)
-    axis.axhline(0, color="grey", linewidth=0.5)
-    axis.set_xlabel("policy samples drawn (DRO) / training images (DPO)")
-    axis.set_ylabel("log p(digit): tuned - base")
-    axis.legend()
+        for model, name in curves:
+            points = sorted((row for row in rows if row["model"] == model), key=lambda row: row["samples"])
+            first = [] if start is None else [start]
+            samples = torch.tensor(([0] if first else []) + [row["samples"] for row in points])
+            value = torch.tensor(first + [row["reward"][key] for row in points])
+            low = torch.tensor(first + [row["reward"][f"{key}_ci"][0] for row in points])
+            high = torch.tensor(first + [row["reward"][f"{key}_ci"][1] for row in points])
+            axis.errorbar(samples, value, yerr=[value - low, high - value], marker="o", capsize=3, label=name)
+        axis.axhline(0.0 if start is not None else 0.5, color="grey", linewidth=0.5)
+        axis.set_xlabel("policy samples drawn (DRO) / training images (DPO)")
+        axis.set_ylabel(label)
+    axes[0].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -166,7 +168,11 @@ def main() -> None:
     parser.add_argument("--out", default="demo_dro", help="output folder (default: %(default)s)")
     parser.add_argument("--stages", default="30,60,120", help="DRO steps at which to evaluate (x 16 = samples)")
     parser.add_argument("--reversed-stages", default="120", help="steps of the reversed control's evaluations")
-    parser.add_argument("--parts", default=",".join(PARTS), help="parts to run now (default: %(default)s)")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="parts to run now; empty: only redraw from the saved rows (default: %(default)s)",
+    )
     parser.add_argument("--num-seeds", type=int, default=100, help="held-out seeds per digit (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -176,7 +182,7 @@ def main() -> None:
         [int(s) for s in args.stages.split(",")],
         [int(s) for s in args.reversed_stages.split(",")],
     )
-    for part in args.parts.split(","):
+    for part in filter(None, args.parts.split(",")):
         if part not in PARTS:
             raise ValueError(f"unknown part {part!r}; choose from {', '.join(PARTS)}.")
         if part == "dpo":
