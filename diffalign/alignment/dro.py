@@ -37,10 +37,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from ..options import option
+from ..options import option, validate_choices
 from ..samplers import DPMSolverPPScheduler
 from .losses import denoising_errors, dro_loss
 from .noise import record_generator
@@ -70,6 +71,13 @@ class DROOptions:
         "method dro (Diffusion-DRO)",
     )
 
+    dro_online_latent: Literal["after_step", "before_step"] = option(
+        "after_step",
+        "online sample of a drawn solver step i: the latent after the step (official buffer: diffusers' "
+        "callback_on_step_end) or x_{t_i} itself, whose target is then the lagged copy's own output (no online "
+        "gradient right after a refresh); both paired with t_i and the copy's output at x_{t_i}",
+        "method dro (Diffusion-DRO)",
+    )
     dro_swap_roles: bool = option(
         False,
         "control run: swap the roles of the expert images and the online samples in the hinge (the policy is pulled "
@@ -84,6 +92,7 @@ class DROOptions:
             raise ValueError("dro_sample_steps and dro_refresh_steps must be >= 1.")
         if not 0 <= self.dro_ema_decay < 1:
             raise ValueError(f"dro_ema_decay must be in [0, 1), got {self.dro_ema_decay}.")
+        validate_choices(self)
 
 
 def record_draws(
@@ -100,10 +109,12 @@ def record_draws(
 
 
 @torch.no_grad()
-def sample_online(unet, scheduler_config, x_T: torch.Tensor, steps: torch.Tensor, num_steps: int):
+def sample_online(
+    unet, scheduler_config, x_T: torch.Tensor, steps: torch.Tensor, num_steps: int, after_step: bool = True
+):
     """DPM-Solver++(2M) from x_T (B, c, h, w) with ``unet(x, t) -> output``; for each sample b, at its step
     i = ``steps[b]`` -> (the latent after the step (B, c, h, w), the step's timestep t_i (B,), the model output at
-    (x_{t_i}, t_i) (B, c, h, w)). Stops after the last step needed.
+    (x_{t_i}, t_i) (B, c, h, w)). Stops after the last step needed. ``after_step=False`` keeps x_{t_i} instead.
 
     The latent is the one *after* the solver step, as the official buffer records it: ``ReplayBuffer.callback_fn`` is
     diffusers' ``callback_on_step_end``, called after ``latents = scheduler.step(noise_pred, t, latents)`` with the
@@ -116,9 +127,11 @@ def sample_online(unet, scheduler_config, x_T: torch.Tensor, steps: torch.Tensor
     for i, t in enumerate(scheduler.timesteps[: int(steps.max()) + 1]):
         t_batch = t.expand(len(x)).to(x.device)
         output = unet(scheduler.scale_model_input(x, t), t_batch).float()  # (B, c, h, w)
-        x = scheduler.step(output, t, x).prev_sample
+        x_next = scheduler.step(output, t, x).prev_sample
         here = steps.to(x.device) == i
-        kept_x[here], kept_out[here], kept_t[here] = x[here], output[here], t_batch[here].long()
+        kept_x[here] = (x_next if after_step else x)[here]
+        kept_out[here], kept_t[here] = output[here], t_batch[here].long()
+        x = x_next
     return kept_x, kept_t, kept_out
 
 
@@ -234,6 +247,7 @@ def dro_forward(step, state: DROState, options: DROOptions, batch: dict, epoch: 
             x_T.to(device),
             steps,
             options.dro_sample_steps,
+            after_step=options.dro_online_latent == "after_step",
         )  # (B, c, h, w), (B,), (B, c, h, w)
     scheduler = step.backbone.noise_scheduler
     expert_noise = expert_noise.to(device)

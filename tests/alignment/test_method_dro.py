@@ -57,6 +57,10 @@ def test_sample_online_keeps_the_latent_after_each_samples_step_and_the_output_b
         torch.testing.assert_close(out[b], outputs[j][b], rtol=0, atol=0)
         assert t[b] == scheduler.timesteps[j] and not torch.allclose(x[b], before[j][b])
     assert t[1] == t.max()  # step 0 is at the largest timestep
+    x_before, t_before, out_before = sample_online(unet, scheduler_config, x_T, steps, 5, after_step=False)
+    assert torch.equal(t_before, t) and torch.equal(out_before, out)
+    for b, j in enumerate(steps.tolist()):
+        torch.testing.assert_close(x_before[b], before[j][b], rtol=0, atol=0)
 
 
 def test_lagged_weights_swap_in_and_restore():
@@ -83,6 +87,9 @@ def test_first_step_is_the_margin_and_the_online_error_is_not_zero_after_a_refre
     # the one the copy's output was predicted at, so the online side has an error (and a gradient)
     assert all(h["online_error"] > 1e-6 for h in result.history)
     assert first["expert_error"] > 1e-3
+    # with the latent before the step the target is the copy's own output at it: the online error is 0
+    before = train(config(tmp_path, experts_dir, "before", max_train_steps=1, dro_online_latent="before_step"))
+    assert before.history[0]["online_error"] < 1e-10
 
 
 def test_swapped_roles_put_the_online_samples_in_the_experts_place(tmp_path, experts_dir):
