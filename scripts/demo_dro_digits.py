@@ -5,7 +5,8 @@ DRO's experts are real digits (``load_digits_data("train")`` with their prompts,
 micro-step the lagged copy draws one DPM-Solver++ sample per record, so after s steps of batch B the run has drawn
 s B policy samples. The run is stopped and resumed at each budget (the resume continues the same run) and the policy
 is evaluated there (the EMA at the last budget). The reversed control trains with ``--dro_swap_roles`` (the online
-samples take the experts' place in the hinge and the expert images the online side). At each budget N,
+samples take the experts' place in the hinge and the expert images the online side). Both run twice: with the
+official online latent (after the drawn solver step) and with ``--dro_online_latent before_step``. At each budget N,
 Diffusion-DPO trains for the same number of steps at the same learning rate on the N / 2 best-vs-worst pairs of N
 digits-cond samples ranked by the digits classifier (``digits_pairs.py``). Every model is evaluated with the eval
 harness (``diffalign eval``: held-out seeds, the same initial noise for every model, the digits reward log
@@ -43,14 +44,23 @@ COMMON = dict(
 """Options of both methods: the LoRA of the Diffusion-DPO demo, a batch of 16 and lr 3e-5 (at 1e-4 even DPO is
 unstable on the saturated digits reward, ``docs/methods/smpo_rankdpo.md``)."""
 DPO_CONFIG = dict(beta=500.0, checkpointing_steps=0)
-PARTS = ("dro", "dro_reversed", "dpo")
+DRO_PARTS = {
+    "dro": dict(dro_online_latent="after_step", dro_swap_roles=False),
+    "dro_reversed": dict(dro_online_latent="after_step", dro_swap_roles=True),
+    "dro_before": dict(dro_online_latent="before_step", dro_swap_roles=False),
+    "dro_before_reversed": dict(dro_online_latent="before_step", dro_swap_roles=True),
+}
+"""DRO runs: the official online latent (after the solver step) and the latent before it, each with the roles of
+expert and online sample swapped as the reversed control."""
+PARTS = (*DRO_PARTS, "dpo")
 NAMES = {
-    "dro": "DRO policy",
-    "dro_ema": "DRO EMA",
-    "dro_reversed": "DRO reversed (--dro_swap_roles) policy",
-    "dro_reversed_ema": "DRO reversed EMA",
+    "dro": "DRO",
+    "dro_reversed": "DRO reversed (--dro_swap_roles)",
+    "dro_before": "DRO, --dro_online_latent before_step",
+    "dro_before_reversed": "DRO before_step, reversed",
     "dpo": "DPO (offline pairs)",
 }
+NAMES |= {f"{part}_ema": f"{NAMES[part]}, EMA" for part in DRO_PARTS}
 
 
 def evaluate(lora: Path, out: Path, num_seeds: int) -> dict:
@@ -59,10 +69,9 @@ def evaluate(lora: Path, out: Path, num_seeds: int) -> dict:
     return report["rewards"]["digits"]
 
 
-def run_dro(out: Path, stages: list[int], num_seeds: int, reversed_roles: bool) -> list[dict]:
+def run_dro(out: Path, part: str, stages: list[int], num_seeds: int) -> list[dict]:
     """One DRO run stopped and resumed at each stage; the policy evaluated there, the EMA at the last stage."""
     experts = make_digits_experts(out / "experts")
-    part = "dro_reversed" if reversed_roles else "dro"
     rows, seconds = [], 0.0
     for steps in stages:
         config = TrainConfig(
@@ -73,7 +82,7 @@ def run_dro(out: Path, stages: list[int], num_seeds: int, reversed_roles: bool) 
             max_train_steps=steps,
             checkpointing_steps=steps,
             resume_from_checkpoint="latest",
-            dro_swap_roles=reversed_roles,
+            **DRO_PARTS[part],
             **COMMON,
         )
         start = time.perf_counter()
@@ -141,7 +150,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    curves = (("dro", "Diffusion-DRO (online)"), ("dpo", "Diffusion-DPO (offline)"), ("dro_reversed", "DRO reversed"))
+    curves = (
+        ("dpo", "Diffusion-DPO (offline)"),
+        ("dro", "Diffusion-DRO (online, official latent)"),
+        ("dro_reversed", "DRO reversed"),
+        ("dro_before", "DRO, latent before the step"),
+        ("dro_before_reversed", "DRO before-step, reversed"),
+    )
     for (key, start, label), axis in zip(
         (("mean_difference", 0.0, "log p(digit): tuned - base"), ("win_rate", None, "win-rate vs base")),
         axes,
@@ -188,9 +203,8 @@ def main() -> None:
         if part == "dpo":
             rows = run_dpo(out, stages, args.num_seeds)
         else:
-            rows = run_dro(
-                out, reversed_stages if part == "dro_reversed" else stages, args.num_seeds, part == "dro_reversed"
-            )
+            reverse = DRO_PARTS[part]["dro_swap_roles"]
+            rows = run_dro(out, part, reversed_stages if reverse else stages, args.num_seeds)
         (out / f"rows_{part}.json").write_text(json.dumps(rows, indent=2))
     rows = [
         row
