@@ -149,11 +149,11 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     curves = (
         ("dpo", "Diffusion-DPO (offline)"),
         ("dro", "Diffusion-DRO (online, official latent)"),
-        ("dro_reversed", "DRO reversed"),
+        ("dro_reversed", "DRO reversed (official latent)"),
         ("dro_before", "DRO, latent before the step"),
         ("dro_before_reversed", "DRO before-step, reversed"),
     )
@@ -173,8 +173,9 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.axhline(0.0 if start is not None else 0.5, color="grey", linewidth=0.5)
         axis.set_xlabel("policy samples drawn (DRO) / training images (DPO)")
         axis.set_ylabel(label)
-    axes[0].legend()
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
     figure.savefig(path, dpi=120)
 
 
