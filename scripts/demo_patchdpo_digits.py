@@ -6,7 +6,8 @@ patch quality maps from the digits classifier's convolutional features. PatchDPO
 (weight 1 - q) and the generated image (weight q); Diffusion-DPO on the same records as pairs, the reference
 preferred. Both LoRAs are evaluated against the base with the eval harness's sampler and paired bootstrap intervals
 on held-out seeds: the digits classifier reward log p(prompted digit) and the patch similarity to the closest
-reference (``PatchSimilarityReward``). Prints a Markdown table.
+reference (``PatchSimilarityReward``). Prints the statistics of the quality maps and a Markdown table. Both methods
+train at ``--learning_rate`` (3e-5); ``--maps minmax | zero`` runs the ablations of docs/methods/patchdpo.md.
 
     python scripts/demo_patchdpo_digits.py --out demo_patchdpo
 """
@@ -15,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.digits_pairs import EVAL_SEED_OFFSET
@@ -37,7 +41,44 @@ DEMO_CONFIG = dict(
     progress_bar=False,
 )
 BETA = 500.0
-DPO_LEARNING_RATE = 2e-4
+
+
+def map_statistics(folder: Path) -> str:
+    """The generated images' quality maps q (candidate 1 of each record) at their 4x4 patch grid: how much the
+    patches differ in quality, within an image and across images."""
+    records = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+    maps = torch.stack([torch.from_numpy(np.load(folder / r["weight_maps"][1])) for r in records])  # (N, 8, 8)
+    patches = F.avg_pool2d(maps[:, None], 2).flatten(1)  # (N, 16)
+    image_mean = patches.mean(dim=1)  # (N,)
+    spread = patches.max(dim=1).values - patches.min(dim=1).values  # (N,)
+    quantiles = torch.tensor([0.1, 0.5, 0.9])
+    return (
+        f"quality maps of {len(records)} generated images: patch q mean {patches.mean():.3f} std {patches.std():.3f}, "
+        f"patch q 10/50/90% {fmt(patches.flatten().quantile(quantiles))}, fraction of patches q < 0.5 "
+        f"{(patches < 0.5).float().mean():.3f}; per-image mean q 10/50/90% {fmt(image_mean.quantile(quantiles))}; "
+        f"per-image max - min patch q 10/50/90% {fmt(spread.quantile(quantiles))}"
+    )
+
+
+def ablated_maps(folder: Path, maps: str) -> Path:
+    """A copy of the data whose quality maps are replaced (the ablations of the docs): ``minmax``, each map rescaled
+    to [0, 1] by its own min and max (more contrast); ``zero``, q = 0 everywhere (the loss is then the denoising MSE
+    of the reference images alone)."""
+    target = folder.with_name(f"{folder.name}_{maps}")
+    if (target / "pairs.jsonl").is_file():
+        return target
+    shutil.copytree(folder, target, dirs_exist_ok=True)
+    for line in (target / "pairs.jsonl").read_text().splitlines():
+        for name in json.loads(line)["weight_maps"]:
+            quality = np.load(target / name)  # (H, W)
+            span = max(quality.max() - quality.min(), 1e-6)
+            new = (quality - quality.min()) / span if maps == "minmax" else np.zeros_like(quality)
+            np.save(target / name, new.astype(np.float32))
+    return target
+
+
+def fmt(values: torch.Tensor) -> str:
+    return " / ".join(f"{v:.2f}" for v in values.tolist())
 
 
 def main() -> None:
@@ -46,7 +87,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--samples_per_digit", type=int, default=32)
     parser.add_argument("--num_seeds", type=int, default=20)
-    parser.add_argument("--patchdpo_lr", type=float, default=2e-4, help="PatchDPO's learning rate (DPO: 2e-4)")
+    parser.add_argument("--learning_rate", type=float, default=3e-5, help="both methods' learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (data order, timesteps, noise, LoRA init)")
+    parser.add_argument("--maps", choices=("digits", "minmax", "zero"), default="digits", help="ablated_maps")
+    parser.add_argument("--patchdpo_lr", type=float, default=None, help="PatchDPO's own learning rate (default: same)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -55,6 +99,9 @@ def main() -> None:
     if not (data / "pairs.jsonl").is_file():
         make_digit_reference_pairs(data, load_digits_pipeline(conditional=True), args.samples_per_digit)
     print(f"data: {time.time() - start:.0f} s")
+    if args.maps != "digits":
+        data = ablated_maps(data, args.maps)
+    print(map_statistics(data))
     rewards = {"digits": load_reward("digits"), "patch_similarity": PatchSimilarityReward()}
     prompts = [f"a handwritten {d}" for d in range(10)]
     seeds = list(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + args.num_seeds))
@@ -62,15 +109,16 @@ def main() -> None:
     rows = []
     for method, options in (("patchdpo", {}), ("dpo", dict(beta=BETA))):
         start = time.time()
-        run = out / method
+        run = out / (method if args.maps == "digits" else f"{method}_{args.maps}")
         config = TrainConfig(
             **DEMO_CONFIG,
             **options,
             method=method,
-            learning_rate=args.patchdpo_lr if method == "patchdpo" else DPO_LEARNING_RATE,
+            learning_rate=args.patchdpo_lr if method == "patchdpo" and args.patchdpo_lr else args.learning_rate,
             dataset=str(data),
             output_dir=str(run),
             max_train_steps=args.steps,
+            seed=args.seed,
         )
         train(config)
         seconds = time.time() - start

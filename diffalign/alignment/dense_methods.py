@@ -11,7 +11,8 @@ trainer's unreduced per-element squared errors below the candidate level (``loss
   images, per-patch quality maps q_k in [0, 1] (``patch_quality.py``) as the batch's ``weight_maps``, loss the
   patch-weighted denoising MSE of ``losses.patchdpo_loss`` (no reference model, no sigmoid, as the official code).
   The official code draws one noise and timestep per image; here the candidates of a record share them (a choice:
-  the loss is a sum of per-image terms, so the sharing changes only the variance).
+  the loss is a sum of per-image terms, so the sharing changes only the variance). On SD / SDXL with
+  ``--patchdpo_ip_adapter`` every candidate is conditioned on the record's reference image (``ip_adapter.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..options import option
+from .ip_adapter import check_config, load_ip_adapter
 from .losses import densedpo_loss, patchdpo_loss
 from .methods import METHODS, MethodInputs, PreferenceMethod
 
@@ -63,9 +65,39 @@ class DenseDPO(PreferenceMethod):
         return densedpo_loss(inputs.policy_errors, inputs.reference_errors, labels, beta=self.options.densedpo_beta)
 
 
+PATCHDPO_GROUP = "method patchdpo (PatchDPO)"
+
+
 @dataclass
 class PatchDPOOptions:
-    """Options of PatchDPO (its loss has no free parameter: the weights are the data's quality maps)."""
+    """Options of PatchDPO: the IP-Adapter that conditions SD / SDXL on the reference image (its loss has no free
+    parameter: the weights are the data's quality maps)."""
+
+    patchdpo_ip_adapter: str | None = option(
+        None,
+        "IP-Adapter (hub id or folder, e.g. h94/IP-Adapter) loaded with pipe.load_ip_adapter before LoRA: every "
+        "candidate is denoised conditioned on its record's reference image (candidate 0); SD / SDXL only",
+        PATCHDPO_GROUP,
+    )
+    patchdpo_ip_adapter_subfolder: str = option(
+        "models",
+        "subfolder of the IP-Adapter weights (h94/IP-Adapter: models for SD 1.5, sdxl_models)",
+        PATCHDPO_GROUP,
+    )
+    patchdpo_ip_adapter_weight_name: str = option(
+        "ip-adapter_sd15.safetensors", "IP-Adapter weight file, e.g. ip-adapter_sdxl.safetensors", PATCHDPO_GROUP
+    )
+    patchdpo_image_encoder: str = option(
+        "image_encoder",
+        "CLIP image encoder folder: a name inside the subfolder, or a path inside the IP-Adapter repo / folder "
+        "(e.g. models/image_encoder for the ViT-H SDXL adapters)",
+        PATCHDPO_GROUP,
+    )
+    patchdpo_ip_adapter_scale: float = option(1.0, "IP-Adapter scale (pipe.set_ip_adapter_scale)", PATCHDPO_GROUP)
+
+    def __post_init__(self):
+        if self.patchdpo_ip_adapter_scale < 0:
+            raise ValueError(f"patchdpo_ip_adapter_scale must be >= 0, got {self.patchdpo_ip_adapter_scale}.")
 
 
 class PatchDPO(PreferenceMethod):
@@ -76,6 +108,11 @@ class PatchDPO(PreferenceMethod):
     noise = "shared"
     needs_reference = False
     display = ("generated_weight",)
+
+    def prepare_backbone(self, backbone, config) -> None:
+        if self.options.patchdpo_ip_adapter is not None:  # before LoRA: policy and reference share the adapter
+            check_config(config)
+            load_ip_adapter(backbone, self.options)
 
     def loss(self, inputs: MethodInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if "weight_maps" not in inputs.batch:

@@ -23,8 +23,9 @@ logged as it is. Adding a method = a loss in ``losses.py``, a class here, its na
 
 A method whose step does not fit that flow (Diffusion-DRO: online latents taken mid-trajectory of a lagged copy)
 sets ``owns_forward`` and implements ``forward(step, batch, epoch)`` on the ``PreferenceStep``'s encoders and UNet
-calls; ``attach``, ``after_optimizer_step`` and ``save_final`` let a method keep its own state (a lagged copy, an
-EMA) beside the trainer's; ``min_candidates`` is the K it needs (Diffusion-DRO: 1 expert image).
+calls; ``prepare_backbone`` lets a method change the loaded model before the LoRA adapters (PatchDPO: an
+IP-Adapter); ``attach``, ``after_optimizer_step`` and ``save_final`` let a method keep its own state (a lagged copy,
+an EMA) beside the trainer's; ``min_candidates`` is the K it needs (Diffusion-DRO: 1 expert image).
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ class PreferenceMethod:
     def forward(self, step, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``owns_forward`` methods: the whole micro-step on a ``PreferenceStep`` -> (loss, metrics)."""
         raise NotImplementedError(f"method {self.name!r} uses the shared forward (loss), not forward().")
+
+    def prepare_backbone(self, backbone, config) -> None:
+        """Called once with the loaded backbone and the run's config, before the trainer adds LoRA adapters or copies
+        the reference (load what conditions the UNet here, e.g. an IP-Adapter)."""
 
     def attach(self, accelerator, unet: torch.nn.Module) -> None:
         """Called once with the unwrapped trainable UNet before a resume (register checkpoint hooks here)."""

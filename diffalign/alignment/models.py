@@ -5,7 +5,8 @@ training schedule, how to turn images into the UNet's input space (VAE latents, 
 pixel-space models with no VAE), how to turn prompts into conditioning tensors, and how to call the UNet with them.
 Text conditioning is a dict of per-sample tensors (batch first) so that it can be cached on disk and batched:
 SD has ``encoder_hidden_states``; SDXL adds the second encoder's pooled ``text_embeds`` and, per image, the
-``time_ids`` (original size, crop top-left, target size).
+``time_ids`` (original size, crop top-left, target size). With an IP-Adapter loaded (``ip_adapter.py``) the
+conditioning also holds each record's reference-image embedding ``image_embeds``.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ class Backbone:
         return getattr(self.pipeline, "vae", None)
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
-        """The encoders that never train (VAE, text encoders) by component name."""
-        names = ("vae", "text_encoder", "text_encoder_2")
+        """The encoders that never train (VAE, text encoders, an IP-Adapter's image encoder) by component name."""
+        names = ("vae", "text_encoder", "text_encoder_2", "image_encoder")
         return {n: getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n, None) is not None}
 
     @torch.no_grad()
@@ -55,6 +56,27 @@ class Backbone:
         latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents.float() - shift) * vae.config.scaling_factor
+
+    @property
+    def image_conditioned(self) -> bool:
+        """Whether the UNet has an IP-Adapter (``pipeline.load_ip_adapter``) and so needs ``image_embeds``."""
+        return self.kind in ("sd", "sdxl") and self.unet.config.encoder_hid_dim_type == "ip_image_proj"
+
+    @torch.no_grad()
+    def encode_reference_images(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """(B, C, H, W) reference images in [-1, 1] -> (B, 1, D) CLIP image embeddings of the IP-Adapter (IP-Adapter
+        Plus: (B, 1, N, D) penultimate hidden states), as ``pipeline.prepare_ip_adapter_image_embeds`` computes them
+        for one image per prompt: the pipeline's CLIP preprocessing, then ``pipeline.encode_image``."""
+        from diffusers.models.embeddings import ImageProjection
+
+        images = list(((pixels.float() + 1) / 2).clamp(0, 1).cpu())  # B x (C, H, W) in [0, 1]
+        clip_pixels = self.pipeline.feature_extractor(
+            images=images, do_rescale=False, return_tensors="pt"
+        ).pixel_values
+        projection = self.unet.encoder_hid_proj.image_projection_layers[0]
+        hidden_states = not isinstance(projection, ImageProjection)
+        embeds, _ = self.pipeline.encode_image(clip_pixels, device, 1, hidden_states)  # (B, D) or (B, N, D)
+        return embeds.unsqueeze(1)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -73,11 +95,13 @@ class Backbone:
     def unet_kwargs(self, cond: dict[str, torch.Tensor], time_ids: torch.Tensor, dtype: torch.dtype) -> dict:
         """Keyword arguments of ``unet(sample, t, **kwargs)`` for ``cond`` and the SDXL ``time_ids`` (B, 6)."""
         kwargs = {"encoder_hidden_states": cond["encoder_hidden_states"].to(dtype)}
+        added = {}
         if self.kind == "sdxl":
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": cond["text_embeds"].to(dtype),
-                "time_ids": time_ids.to(dtype),
-            }
+            added.update(text_embeds=cond["text_embeds"].to(dtype), time_ids=time_ids.to(dtype))
+        if "image_embeds" in cond:  # one IP-Adapter: a list of one (B, 1, ...) tensor
+            added["image_embeds"] = [cond["image_embeds"].to(dtype)]
+        if added:
+            kwargs["added_cond_kwargs"] = added
         return kwargs
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

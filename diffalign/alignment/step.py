@@ -82,6 +82,8 @@ class PreferenceStep:
             pixels = batch["pixels"]  # (B, K, C, H, W)
             latents = unstack_candidates(backbone.encode_images(stack_candidates(pixels).to(device)), pixels.shape[1])
             cond = backbone.encode_prompts(batch["prompt"], device)
+            if backbone.image_conditioned:  # IP-Adapter: candidate 0 is the record's reference image
+                cond["image_embeds"] = backbone.encode_reference_images(pixels[:, 0], device)  # (B, 1, ...)
         return latents.to(device).float(), {k: v.to(device) for k, v in cond.items()}
 
     def unet_kwargs(self, cond: dict, time_ids: torch.Tensor) -> dict:

@@ -367,6 +367,7 @@ def train(config: TrainConfig) -> TrainResult:
     set_seed(config.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     backbone = load_backbone(config.pretrained_model_name_or_path, config.revision, config.variant)
+    method.prepare_backbone(backbone, config)
     unet, reference = prepare_models(config, backbone, accelerator, weight_dtype)
     optimizer, lr_scheduler = make_optimizer(config, unet, accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)

@@ -18,12 +18,18 @@ point, now including the new model value (UniPC-style, no extra NFE), keeping ``
 
 Grid points are snapped to the EMS lambda grid (integrals are exact sums there); a step to sigma 0 is first order
 and continues the statistics beyond their last point with ``l = 1, s = b = 0``. Without EMS the scheduler uses
-``l = 1, s = b = 0`` everywhere with exact integrals, where it is DPM-Solver++ (multistep, Taylor form) plus the
-corrector. With ``use_corrector=False`` it equals our ``DPMSolverPPScheduler(solver_type="heun",
+``l = 1, s = b = 0`` everywhere with exact integrals, where it is DPM-Solver++ (multistep, Taylor form). Without
+the corrector (the default) and on the same grid it equals our ``DPMSolverPPScheduler(solver_type="heun",
 taylor_third_order=True)`` at orders 1 and 2 for every NFE; at order 3 only for 6 <= NFE <= 14 (and NFE 5 with
 ``predictor_pseudo=False``): below 6 steps v3 defaults to the pseudo order, and from 15 steps on DPM-Solver++
 (diffusers' rule) keeps full order in its last steps while v3 lowers it at every NFE, as the official code does
 (measured in tests/samplers/test_dpm_solver_v3.py: 1.1e-2 to 2.6e-2 apart at NFE 15-20 on a 16-D mixture).
+
+Defaults chosen by measurement against diffusers' UniPC at its defaults (``scripts/v3_defaults.py``,
+docs/dpm_solver_v3.md): ``timestep_spacing="time_quadratic"`` (the official ``skip_type`` for pixel models) and no
+corrector (it helps with accurate statistics of an unguided model and ruins guided ones). Statistics on a grid
+coarser than ``MAX_EMS_SPACING`` in lambda, or with fewer than ``MIN_CELLS_PER_STEP`` cells in a step, warn at
+``set_timesteps``.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ from .side_info import SideInfoMixin, model_fingerprint, schedule_fingerprint, w
 
 GRID_STATS = ("l", "L", "S", "I", "B", "C")  # the EMS arrays a step reads at its grid points
 PSEUDO_ORDER_UP_TO_NFE = 5  # the official CIFAR-10 / EDM settings use pseudo-order predictors at <= 5 steps
+MAX_EMS_SPACING = 0.025  # coarser EMS grids warn: the official statistics' coarsest (SD-1.4, 250 points, lambda 6.2)
+MIN_CELLS_PER_STEP = 4  # ... and so do steps spanning fewer cells (snapping moves a step's size by up to 1 cell)
 
 
 def degenerate_high_order(h: float, order: int) -> list[float]:
@@ -93,13 +101,18 @@ def taylor_derivatives(gs: list[torch.Tensor], lambdas: list[float], pseudo: boo
 class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
     """DPM-Solver-v3: multistep predictor (orders 1-3, pseudo order at low NFE) and corrector on EMS.
 
+    Defaults: the ``time_quadratic`` grid, no corrector (measured; module docstring).
+    ``from_config(pipe.scheduler.config)`` keeps a pipeline's own ``timestep_spacing`` when its config names one;
+    pass ``timestep_spacing="time_quadratic"`` to get v3's.
+
     ``pipe.scheduler = DPMSolverV3Scheduler.from_pretrained(folder)`` loads the EMS saved next to the scheduler
     config by ``diffalign ems``; ``from_config`` plus ``load_side_info(folder)`` does the same for a swap. Without EMS
     it warns at every ``set_timesteps`` and runs on the statistics that reduce it to DPM-Solver++.
 
-    v3 settings: ``use_corrector``; ``predictor_pseudo`` (None: pseudo order at <= 5 steps, as the paper's
-    CIFAR-10 setting); ``corrector_pseudo`` (the corrector one order higher, the paper's latent-diffusion setting);
-    ``half_corrector`` (corrector only in the first half of the time range, the official ``half`` flag).
+    v3 settings: ``use_corrector``; ``predictor_pseudo`` (None: pseudo order
+    at <= 5 steps, as the paper's CIFAR-10 setting); ``corrector_pseudo`` (the corrector one order higher, the
+    paper's latent-diffusion setting); ``half_corrector`` (corrector only in the first half of the time range, the
+    official ``half`` flag).
     """
 
     config_name = "scheduler_config.json"
@@ -116,7 +129,7 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         trained_betas: np.ndarray | list[float] | None = None,
         solver_order: int = 2,
         prediction_type: PredictionType = "epsilon",
-        use_corrector: bool = True,
+        use_corrector: bool = False,
         predictor_pseudo: bool | None = None,
         corrector_pseudo: bool = False,
         half_corrector: bool = False,
@@ -127,7 +140,7 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         final_sigmas_type: FinalSigmasType = "zero",
         lambda_min_clipped: float = -float("inf"),
         variance_type: VarianceType | None = None,
-        timestep_spacing: TimestepSpacing = "linspace",
+        timestep_spacing: TimestepSpacing = "time_quadratic",  # config.OWN_DEFAULTS: chosen by measurement
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
         use_karras_sigmas: bool = False,
@@ -193,8 +206,8 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         """Snap the grid to the EMS lambda grid (official ``convert_to_indexes``); without EMS keep it as is."""
         if self.ems is None:
             warn_each_time(
-                "DPMSolverV3Scheduler has no empirical model statistics (EMS) and runs as DPM-Solver++ with a "
-                "corrector. Compute them with `diffalign ems` and load them with from_pretrained / "
+                "DPMSolverV3Scheduler has no empirical model statistics (EMS) and runs as DPM-Solver++ (Taylor "
+                "form). Compute them with `diffalign ems` and load them with from_pretrained / "
                 "load_side_info for v3's accuracy.",
                 stacklevel=3,
             )
@@ -214,7 +227,21 @@ class DPMSolverV3Scheduler(SideInfoMixin, VPScheduler, ConfigMixin):
         if np.any(np.diff(index) <= 0):
             raise ValueError(
                 f"{n} steps do not fit on the EMS grid of {ems.num_grid} points: neighbouring steps snap to the same "
-                "point. Use fewer steps or EMS computed on a finer grid (diffalign ems --grid-size)."
+                "point. Use fewer steps or EMS computed on a finer grid (diffalign ems --grid_size)."
+            )
+        cells = int(np.diff(index).min()) if n > 1 else ems.num_grid
+        if cell > MAX_EMS_SPACING or cells < MIN_CELLS_PER_STEP:
+            width = float(ems.lambdas[-1]) - float(ems.lambdas[0])
+            h_min = float(np.diff(lam).min()) if n > 1 else width
+            needed = math.ceil(width * max(1 / MAX_EMS_SPACING, MIN_CELLS_PER_STEP / h_min))
+            warn_each_time(
+                f"the EMS grid ({ems.num_grid} points, lambda spacing {cell:.4f}) is too coarse for {n} steps of this "
+                f"grid: v3 integrates the statistics on it and snaps the steps to it, and its shortest step (lambda "
+                f"{h_min:.3f}) spans {cells} cell(s); spacings above {MAX_EMS_SPACING} or fewer than "
+                f"{MIN_CELLS_PER_STEP} cells per step cost accuracy (measured in docs/dpm_solver_v3.md). Compute EMS "
+                "with at least "
+                f"{needed} grid points (diffalign ems --grid_size {needed}) or use fewer steps.",
+                stacklevel=3,
             )
         snapped = ems.lambdas[index].numpy()
         new_rhos = np.concatenate([np.exp(-snapped), np.zeros(int((~finite).sum()))])

@@ -2,8 +2,9 @@
 
 Every registered scheduler spells its config out in its own ``__init__`` (``@register_to_config`` records what the
 signature lists); ``diffalign.samplers.config.SharedConfig`` is the source these copies must agree with: each shared
-key present, with the same type and default. Enumerated keys carry ``Literal`` types, and each scheduler accepts
-exactly what its ``Literal`` says for the keys it validates.
+key present, with the same type and default (or the scheduler's own default in ``OWN_DEFAULTS``, set by
+measurement). Enumerated keys carry ``Literal`` types, and each scheduler accepts exactly what its ``Literal`` says
+for the keys it validates.
 """
 
 import dataclasses
@@ -16,7 +17,7 @@ import warnings
 import pytest
 
 from diffalign.samplers import SCHEDULERS
-from diffalign.samplers.config import SharedConfig
+from diffalign.samplers.config import OWN_DEFAULTS, SharedConfig
 
 SHARED = {f.name: f for f in dataclasses.fields(SharedConfig)}
 SHARED_TYPES = typing.get_type_hints(SharedConfig)
@@ -64,9 +65,21 @@ def test_init_takes_every_shared_key_with_its_type_and_default(name):
     params, hints = _init(SCHEDULERS[name])
     missing = sorted(set(SHARED) - set(params))
     assert not missing, f"{name} lacks shared config keys {missing}; copy them from SharedConfig"
+    own = OWN_DEFAULTS.get(name, {})
     for key, field in SHARED.items():
-        assert _same(params[key].default, field.default), (key, params[key].default, field.default)
+        expected = own.get(key, field.default)
+        assert _same(params[key].default, expected), (key, params[key].default, expected)
         assert hints[key] == SHARED_TYPES[key], (key, hints[key], SHARED_TYPES[key])
+
+
+def test_own_defaults_name_registered_schedulers_and_shared_keys_with_allowed_values():
+    for name, keys in OWN_DEFAULTS.items():
+        assert name in SCHEDULERS, name
+        for key, value in keys.items():
+            assert key in SHARED, key
+            values = _literal_values(SHARED_TYPES[key])
+            assert not values or value in values, (name, key, value)
+            assert not _same(value, SHARED[key].default), f"{name}.{key}: same as the shared default, remove it"
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))

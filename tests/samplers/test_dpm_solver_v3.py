@@ -1,15 +1,19 @@
 """DPM-Solver-v3: fallback = DPM-Solver++, EMS determinism, accuracy where the model is linear, and bad EMS files."""
 
+import math
+import re
 import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from diffalign.models.gmm import GaussianMixture
 from diffalign.samplers import DPMSolverPPScheduler, DPMSolverV3Scheduler, compute_ems, swap_scheduler
-from diffalign.samplers.ems import EMS_FILE
-from diffalign.samplers.schedule import NoiseScheduleVP
+from diffalign.samplers.dpm_solver_v3 import MAX_EMS_SPACING, MIN_CELLS_PER_STEP
+from diffalign.samplers.ems import EMS_FILE, EmpiricalModelStatistics
+from diffalign.samplers.schedule import NoiseScheduleVP, time_grid
 from diffalign.samplers.side_info import read_side_info, save_side_info
 
 CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
@@ -86,7 +90,9 @@ def test_where_the_fallback_equals_dpm_solver_pp_and_where_not(order, pseudo):
     for n in range(5, 21):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            v3 = DPMSolverV3Scheduler(solver_order=order, use_corrector=False, predictor_pseudo=pseudo)
+            v3 = DPMSolverV3Scheduler(
+                solver_order=order, use_corrector=False, predictor_pseudo=pseudo, timestep_spacing="linspace"
+            )
             a = run(v3, model, x, n)
         b = run(DPMSolverPPScheduler(solver_order=order, solver_type="heun", taylor_third_order=True), model, x, n)
         difference = (a - b).abs().max().item()
@@ -181,6 +187,42 @@ def test_bad_ems_get_clear_errors(tmp_path, ems):
     with pytest.raises(ValueError, match="NaN or inf"):
         DPMSolverV3Scheduler(**CONFIG).load_side_info(tmp_path / "nan")
     assert read_side_info(tmp_path / "other", EMS_FILE)[1]["num_grid"] == ems.num_grid
+
+
+def thinned(ems, every: int) -> EmpiricalModelStatistics:
+    """The same statistics at every ``every``-th grid point."""
+    rows = slice(None, None, every)
+    return EmpiricalModelStatistics(ems.lambdas[rows], ems.l[rows], ems.s[rows], ems.b[rows], ems.meta)
+
+
+def test_set_timesteps_warns_when_the_ems_grid_is_too_coarse_for_the_steps(model):
+    """400 points over lambda 9.66 (spacing 0.024): 10 default steps (the shortest lambda 0.536, 22 cells) are quiet.
+    Thinned to 200 points (spacing 0.048 > MAX_EMS_SPACING) every call warns and asks for ceil(9.66 / 0.025) = 387
+    points; 60 steps on 400 points (the shortest 0.088: 3 cells < MIN_CELLS_PER_STEP) ask for 4 x 9.66 / 0.088."""
+    scheduler = DPMSolverV3Scheduler(**CONFIG)
+    fine = ems_of(model, num_grid=400, num_samples=4, batch_size=4)
+    width = float(fine.lambdas[-1] - fine.lambdas[0])
+    scheduler.ems = fine
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.set_timesteps(10)
+    scheduler.ems = thinned(fine, 2)
+    for _ in range(2):  # every call warns, not once per process
+        with pytest.warns(UserWarning, match=r"\(200 points, lambda spacing 0.0483\) is too coarse for 10 ") as caught:
+            scheduler.set_timesteps(10)
+        assert suggested_grid(caught) == math.ceil(width / MAX_EMS_SPACING) == 387
+    scheduler.ems = fine
+    with pytest.warns(
+        UserWarning, match=rf"for 60 steps.*spans 3 cell\(s\).*fewer than {MIN_CELLS_PER_STEP}"
+    ) as caught:
+        scheduler.set_timesteps(60)
+    schedule = scheduler.noise_schedule
+    h_min = float(np.diff(schedule.lambda_t(time_grid(schedule, 60, spacing="time_quadratic")[:-1])).min())
+    assert suggested_grid(caught) == math.ceil(MIN_CELLS_PER_STEP * width / h_min) > 400
+
+
+def suggested_grid(caught) -> int:
+    return int(re.search(r"diffalign ems --grid_size (\d+)", str(caught[0].message)).group(1))
 
 
 @pytest.mark.gpu
