@@ -1,13 +1,19 @@
 """Diffusion-DRO on the embedded digits-cond model: reward against the number of policy samples drawn, beside
-Diffusion-DPO trained offline on pairs of the same number of images.
+Diffusion-DPO trained offline on pairs of the same number of images, and a reversed control.
 
 DRO's experts are real digits (``load_digits_data("train")`` with their prompts, ``digits_experts.py``); each
 micro-step the lagged copy draws one DPM-Solver++ sample per record, so after s steps of batch B the run has drawn
-s B policy samples. The run is stopped and resumed at each budget (the resume continues the same run), and the
-policy and its EMA are evaluated there. At each budget N, Diffusion-DPO trains for the same number of steps on the
-N / 2 best-vs-worst pairs of N digits-cond samples ranked by the digits classifier (``digits_pairs.py``). Every
-model is evaluated with the eval harness (``diffalign eval``: held-out seeds, the same initial noise for every model,
-the digits reward log p(prompted digit), paired bootstrap intervals, win-rate) and a Markdown table is printed.
+s B policy samples. The run is stopped and resumed at each budget (the resume continues the same run) and the policy
+is evaluated there (the EMA at the last budget). The reversed control trains with ``--dro_swap_roles`` (the online
+samples take the experts' place in the hinge and the expert images the online side). Both run twice: with the
+official online latent (after the drawn solver step) and with ``--dro_online_latent before_step``. At each budget N,
+Diffusion-DPO trains for the same number of steps at the same learning rate on the N / 2 best-vs-worst pairs of N
+digits-cond samples ranked by the digits classifier (``digits_pairs.py``). Every model is evaluated with the eval
+harness (``diffalign eval``: held-out seeds, the same initial noise for every model, the digits reward log
+p(prompted digit), paired bootstrap intervals, win-rate).
+
+Each part writes ``rows_<part>.json``, so the parts can run as separate processes (``--parts``); every call writes
+``demo.md`` and ``reward_vs_samples.png`` from the rows found in ``--out``.
 
     python scripts/demo_dro_digits.py --out demo_dro
 """
@@ -15,6 +21,7 @@ the digits reward log p(prompted digit), paired bootstrap intervals, win-rate) a
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -29,15 +36,31 @@ from diffalign.models.digits import load_digits_pipeline
 
 COMMON = dict(
     train_batch_size=16,
-    learning_rate=1e-4,
+    learning_rate=3e-5,
     lora_rank=8,
     lora_target_modules="to_v,to_out.0,conv1,conv2",
     progress_bar=False,
 )
-"""Options of both methods (the LoRA and learning rate of the Diffusion-DPO demo, a batch of 16)."""
+"""Options of both methods: the LoRA of the Diffusion-DPO demo, a batch of 16 and lr 3e-5 (at 1e-4 even DPO is
+unstable on the saturated digits reward, ``docs/methods/smpo_rankdpo.md``)."""
 DPO_CONFIG = dict(beta=500.0, checkpointing_steps=0)
-STAGES = (15, 30, 60, 120)
-"""DRO steps at which both methods are compared (x 16 = policy samples drawn / images DPO trains on)."""
+DRO_PARTS = {
+    "dro": dict(dro_online_latent="after_step", dro_swap_roles=False),
+    "dro_reversed": dict(dro_online_latent="after_step", dro_swap_roles=True),
+    "dro_before": dict(dro_online_latent="before_step", dro_swap_roles=False),
+    "dro_before_reversed": dict(dro_online_latent="before_step", dro_swap_roles=True),
+}
+"""DRO runs: the official online latent (after the solver step) and the latent before it, each with the roles of
+expert and online sample swapped as the reversed control."""
+PARTS = (*DRO_PARTS, "dpo")
+NAMES = {
+    "dro": "DRO",
+    "dro_reversed": "DRO reversed (--dro_swap_roles)",
+    "dro_before": "DRO, --dro_online_latent before_step",
+    "dro_before_reversed": "DRO before_step, reversed",
+    "dpo": "DPO (offline pairs)",
+}
+NAMES |= {f"{part}_ema": f"{NAMES[part]}, EMA" for part in DRO_PARTS}
 
 
 def evaluate(lora: Path, out: Path, num_seeds: int) -> dict:
@@ -46,35 +69,38 @@ def evaluate(lora: Path, out: Path, num_seeds: int) -> dict:
     return report["rewards"]["digits"]
 
 
-def run_dro(out: Path, num_seeds: int) -> list[dict]:
-    """One DRO run stopped and resumed at each stage; the policy and its EMA evaluated there."""
+def run_dro(out: Path, part: str, stages: list[int], num_seeds: int) -> list[dict]:
+    """One DRO run stopped and resumed at each stage; the policy evaluated there, the EMA at the last stage."""
     experts = make_digits_experts(out / "experts")
     rows, seconds = [], 0.0
-    for steps in STAGES:
+    for steps in stages:
         config = TrainConfig(
             method="dro",
             dataset=str(experts),
             jsonl_name=EXPERTS_JSONL,
-            output_dir=str(out / "dro"),
+            output_dir=str(out / part),
             max_train_steps=steps,
             checkpointing_steps=steps,
             resume_from_checkpoint="latest",
+            **DRO_PARTS[part],
             **COMMON,
         )
         start = time.perf_counter()
         train(config)
         seconds += time.perf_counter() - start
         samples = steps * config.train_batch_size
-        for name, folder in (("DRO policy", out / "dro"), ("DRO EMA", out / "dro" / "ema")):
-            reward = evaluate(folder, out / f"eval_{name.split()[1].lower()}_{samples}", num_seeds)
-            rows.append(dict(model=name, samples=samples, steps=steps, train_seconds=seconds, reward=reward))
+        folders = [(part, out / part)] + [(f"{part}_ema", out / part / "ema")] * (steps == stages[-1])
+        for model, folder in folders:
+            reward = evaluate(folder, out / f"eval_{model}_{samples}", num_seeds)
+            rows.append(dict(model=model, samples=samples, steps=steps, train_seconds=seconds, reward=reward))
+            print(model, samples, reward["mean_difference"], flush=True)
     return rows
 
 
-def run_dpo(out: Path, num_seeds: int) -> list[dict]:
+def run_dpo(out: Path, stages: list[int], num_seeds: int) -> list[dict]:
     """Diffusion-DPO on pairs of N digits-cond samples, for each budget N, for the same number of steps."""
     pipeline, rows = load_digits_pipeline(conditional=True), []
-    for steps in STAGES:
+    for steps in stages:
         samples = steps * COMMON["train_batch_size"]
         pairs = make_digits_pairs(out / f"pairs_{samples}", pipeline, samples_per_digit=samples // 10)
         config = TrainConfig(
@@ -84,8 +110,8 @@ def run_dpo(out: Path, num_seeds: int) -> list[dict]:
         train(config)
         seconds = time.perf_counter() - start
         reward = evaluate(out / f"dpo_{samples}", out / f"eval_dpo_{samples}", num_seeds)
-        row = dict(model="DPO (offline pairs)", samples=samples, steps=steps, train_seconds=seconds)
-        rows.append(dict(row, reward=reward))
+        rows.append(dict(model="dpo", samples=samples, steps=steps, train_seconds=seconds, reward=reward))
+        print("dpo", samples, reward["mean_difference"], flush=True)
     return rows
 
 
@@ -109,22 +135,87 @@ def markdown(rows: list[dict], num_seeds: int) -> str:
     for row in sorted(rows, key=lambda r: (r["samples"], r["model"])):
         reward = row["reward"]
         lines.append(
-            f"| {row['model']} | {row['samples']} | {row['steps']} | {interval(reward['tuned'], 'mean')} | "
+            f"| {NAMES[row['model']]} | {row['samples']} | {row['steps']} | {interval(reward['tuned'], 'mean')} | "
             f"{interval(reward, 'mean_difference')} | {interval(reward, 'win_rate')} | {row['train_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Left: tuned - base log p(digit); right: win-rate vs base; both with their 95% intervals, against policy samples
+    (DRO) / training images (DPO)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    curves = (
+        ("dpo", "Diffusion-DPO (offline)"),
+        ("dro", "Diffusion-DRO (online, official latent)"),
+        ("dro_reversed", "DRO reversed (official latent)"),
+        ("dro_before", "DRO, latent before the step"),
+        ("dro_before_reversed", "DRO before-step, reversed"),
+    )
+    for (key, start, label), axis in zip(
+        (("mean_difference", 0.0, "log p(digit): tuned - base"), ("win_rate", None, "win-rate vs base")),
+        axes,
+        strict=True,
+    ):
+        for model, name in curves:
+            points = sorted((row for row in rows if row["model"] == model), key=lambda row: row["samples"])
+            first = [] if start is None else [start]
+            samples = torch.tensor(([0] if first else []) + [row["samples"] for row in points])
+            value = torch.tensor(first + [row["reward"][key] for row in points])
+            low = torch.tensor(first + [row["reward"][f"{key}_ci"][0] for row in points])
+            high = torch.tensor(first + [row["reward"][f"{key}_ci"][1] for row in points])
+            axis.errorbar(samples, value, yerr=[value - low, high - value], marker="o", capsize=3, label=name)
+        axis.axhline(0.0 if start is not None else 0.5, color="grey", linewidth=0.5)
+        axis.set_xlabel("policy samples drawn (DRO) / training images (DPO)")
+        axis.set_ylabel(label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_dro", help="output folder (default: %(default)s)")
-    parser.add_argument("--num-seeds", type=int, default=200, help="held-out seeds per digit (default: %(default)s)")
+    parser.add_argument("--stages", default="30,60,120", help="DRO steps at which to evaluate (x 16 = samples)")
+    parser.add_argument("--reversed-stages", default="120", help="steps of the reversed control's evaluations")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="parts to run now; empty: only redraw from the saved rows (default: %(default)s)",
+    )
+    parser.add_argument("--num-seeds", type=int, default=100, help="held-out seeds per digit (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
-    rows = run_dro(out, args.num_seeds) + run_dpo(out, args.num_seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    stages, reversed_stages = (
+        [int(s) for s in args.stages.split(",")],
+        [int(s) for s in args.reversed_stages.split(",")],
+    )
+    for part in filter(None, args.parts.split(",")):
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r}; choose from {', '.join(PARTS)}.")
+        if part == "dpo":
+            rows = run_dpo(out, stages, args.num_seeds)
+        else:
+            reverse = DRO_PARTS[part]["dro_swap_roles"]
+            rows = run_dro(out, part, reversed_stages if reverse else stages, args.num_seeds)
+        (out / f"rows_{part}.json").write_text(json.dumps(rows, indent=2))
+    rows = [
+        row
+        for part in PARTS
+        if (out / f"rows_{part}.json").is_file()
+        for row in json.loads((out / f"rows_{part}.json").read_text())
+    ]
     table = markdown(rows, args.num_seeds)
     (out / "demo.md").write_text(table, encoding="utf-8")
+    plot(rows, out / "reward_vs_samples.png")
     print("\n" + table)
 
 

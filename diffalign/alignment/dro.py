@@ -7,9 +7,10 @@ trajectories every micro-step):
 1. the expert image x_0 of each record (candidate 0 of the batch: a ``{"prompt", "image"}`` record with K = 1, or
    the preferred image of pair / ranked data) and its prompt c;
 2. the lagged copy p_theta samples a trajectory for c with DPM-Solver++ (20 steps, guidance 1) from x_T; one step j
-   of it is drawn uniformly per record and its latent x_t and the lagged copy's own model output at (x_t, t) are
-   kept (the official replay buffer stores ``xt`` and ``eps = noise_pred`` per step and samples one step per
-   trajectory). Sampling stops after the last step drawn in the batch;
+   of it is drawn uniformly per record; its timestep t_j, the latent after the solver step and the lagged copy's
+   model output at (x_{t_j}, t_j) are kept, as the official replay buffer records them (``xt``, ``t`` and
+   ``eps = noise_pred`` in diffusers' ``callback_on_step_end``, which runs after ``scheduler.step``; one step
+   sampled per trajectory). Sampling stops after the last step drawn in the batch;
 3. the expert image is noised at the same t with fresh noise; the policy and the frozen reference denoise both, the
    expert against its noise and the online latent against the lagged copy's output; ``losses.dro_loss`` takes the
    four per-sample errors.
@@ -17,10 +18,9 @@ trajectories every micro-step):
 After each optimizer step the EMA of the trainable weights is updated (diffusers ``EMAModel`` with the official
 defaults: decay 0.9999 reached through the warm-up min(decay, (1 + s) / (10 + s))). Every ``dro_refresh_steps``
 micro-steps the lagged copy is set to the policy, before the next micro-step samples (official:
-``unet_policy.load_state_dict(unet)`` when ``step % buffer_update_steps == 0``, steps counted in micro-steps). Right
-after a refresh the policy equals the lagged copy, so the online error is 0 and its gradient vanishes; the online
-side pulls only once the policy has moved away from the copy (at the official 16 micro-steps with 16 accumulation
-steps that never happens between refreshes, and the online term acts only through the hinge's gate). The lagged
+``unet_policy.load_state_dict(unet)`` when ``step % buffer_update_steps == 0``, steps counted in micro-steps).
+Because the online latent is one solver step past the latent the target was predicted at, the policy's online error
+is not 0 even right after a refresh, and the online side has a gradient at every step. The lagged
 copy and the EMA are tensors of the trainable parameters (the LoRA weights, or every UNet weight for full
 fine-tuning); the lagged copy samples by swapping its tensors into the UNet.
 
@@ -37,10 +37,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from ..options import option
+from ..options import option, validate_choices
 from ..samplers import DPMSolverPPScheduler
 from .losses import denoising_errors, dro_loss
 from .noise import record_generator
@@ -70,6 +71,20 @@ class DROOptions:
         "method dro (Diffusion-DRO)",
     )
 
+    dro_online_latent: Literal["after_step", "before_step"] = option(
+        "after_step",
+        "online sample of a drawn solver step i: the latent after the step (official buffer: diffusers' "
+        "callback_on_step_end) or x_{t_i} itself, whose target is then the lagged copy's own output (no online "
+        "gradient right after a refresh); both paired with t_i and the copy's output at x_{t_i}",
+        "method dro (Diffusion-DRO)",
+    )
+    dro_swap_roles: bool = option(
+        False,
+        "control run: swap the roles of the expert images and the online samples in the hinge (the policy is pulled "
+        "to its own samples and pushed away from the experts); the reward should fall",
+        "method dro (Diffusion-DRO)",
+    )
+
     def __post_init__(self):
         if self.dro_margin < 0:
             raise ValueError(f"dro_margin must be >= 0, got {self.dro_margin}.")
@@ -77,6 +92,7 @@ class DROOptions:
             raise ValueError("dro_sample_steps and dro_refresh_steps must be >= 1.")
         if not 0 <= self.dro_ema_decay < 1:
             raise ValueError(f"dro_ema_decay must be in [0, 1), got {self.dro_ema_decay}.")
+        validate_choices(self)
 
 
 def record_draws(
@@ -93,10 +109,17 @@ def record_draws(
 
 
 @torch.no_grad()
-def sample_online(unet, scheduler_config, x_T: torch.Tensor, steps: torch.Tensor, num_steps: int):
-    """DPM-Solver++(2M) from x_T (B, c, h, w) with ``unet(x, t) -> output``; for each sample b the latent x_t and the
-    model output at its step ``steps[b]`` -> (x_t (B, c, h, w), t (B,), output (B, c, h, w)). Stops after the last
-    step needed."""
+def sample_online(
+    unet, scheduler_config, x_T: torch.Tensor, steps: torch.Tensor, num_steps: int, after_step: bool = True
+):
+    """DPM-Solver++(2M) from x_T (B, c, h, w) with ``unet(x, t) -> output``; for each sample b, at its step
+    i = ``steps[b]`` -> (the latent after the step (B, c, h, w), the step's timestep t_i (B,), the model output at
+    (x_{t_i}, t_i) (B, c, h, w)). Stops after the last step needed. ``after_step=False`` keeps x_{t_i} instead.
+
+    The latent is the one *after* the solver step, as the official buffer records it: ``ReplayBuffer.callback_fn`` is
+    diffusers' ``callback_on_step_end``, called after ``latents = scheduler.step(noise_pred, t, latents)`` with the
+    step's t and ``noise_pred``. (With the latent before the step the policy's target would be its own output, so
+    right after a refresh its online error would be exactly 0 and the online side would have no gradient.)"""
     scheduler = DPMSolverPPScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(num_steps, device=x_T.device)
     x, kept_x, kept_out = x_T, torch.empty_like(x_T), torch.empty_like(x_T)
@@ -104,9 +127,11 @@ def sample_online(unet, scheduler_config, x_T: torch.Tensor, steps: torch.Tensor
     for i, t in enumerate(scheduler.timesteps[: int(steps.max()) + 1]):
         t_batch = t.expand(len(x)).to(x.device)
         output = unet(scheduler.scale_model_input(x, t), t_batch).float()  # (B, c, h, w)
+        x_next = scheduler.step(output, t, x).prev_sample
         here = steps.to(x.device) == i
-        kept_x[here], kept_out[here], kept_t[here] = x[here], output[here], t_batch[here].long()
-        x = scheduler.step(output, t, x).prev_sample
+        kept_x[here] = (x_next if after_step else x)[here]
+        kept_out[here], kept_t[here] = output[here], t_batch[here].long()
+        x = x_next
     return kept_x, kept_t, kept_out
 
 
@@ -222,6 +247,7 @@ def dro_forward(step, state: DROState, options: DROOptions, batch: dict, epoch: 
             x_T.to(device),
             steps,
             options.dro_sample_steps,
+            after_step=options.dro_online_latent == "after_step",
         )  # (B, c, h, w), (B,), (B, c, h, w)
     scheduler = step.backbone.noise_scheduler
     expert_noise = expert_noise.to(device)
@@ -236,4 +262,11 @@ def dro_forward(step, state: DROState, options: DROOptions, batch: dict, epoch: 
     policy = denoising_errors(step.policy(kwargs2, grad=True)(noisy, t2).float(), target)  # (2 B,)
     expert_policy, online_policy = policy.chunk(2)
     expert_reference, online_reference = reference.chunk(2)
+    if options.dro_swap_roles:  # the control: online samples as the experts, expert images as the online side
+        expert_policy, expert_reference, online_policy, online_reference = (
+            online_policy,
+            online_reference,
+            expert_policy,
+            expert_reference,
+        )
     return dro_loss(expert_policy, expert_reference, online_policy, online_reference, margin=options.dro_margin)

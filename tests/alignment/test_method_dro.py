@@ -14,6 +14,7 @@ from diffalign.alignment.digits_experts import EXPERTS_JSONL, make_digits_expert
 from diffalign.alignment.dro import DROOptions, DROState, sample_online
 from diffalign.alignment.trainer import train
 from diffalign.models.digits import build_scheduler
+from diffalign.samplers import DPMSolverPPScheduler
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +38,29 @@ def config(tmp_path, experts_dir, name: str, **overrides) -> TrainConfig:
     return TrainConfig(**(options | overrides))
 
 
-def test_sample_online_keeps_each_samples_step_and_output():
+def test_sample_online_keeps_the_latent_after_each_samples_step_and_the_output_before():
     scheduler_config = build_scheduler().config
     x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     unet = lambda x, t: 0.3 * x + t.float()[:, None, None, None] / 1000  # noqa: E731
-    full_x, full_t, full_out = [], [], []
-    for j in range(5):  # the whole trajectory step by step, every sample at step j
-        x, t, out = sample_online(unet, scheduler_config, x_T, torch.full((3,), j), 5)
-        full_x.append(x), full_t.append(t), full_out.append(out)
+    scheduler = DPMSolverPPScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(5)
+    x, before, after, outputs = x_T, [], [], []  # the whole trajectory by hand
+    for t in scheduler.timesteps:
+        before.append(x), outputs.append(unet(scheduler.scale_model_input(x, t), t.expand(3)))
+        x = scheduler.step(outputs[-1], t, x).prev_sample
+        after.append(x)
     steps = torch.tensor([4, 0, 2])
     x, t, out = sample_online(unet, scheduler_config, x_T, steps, 5)
     for b, j in enumerate(steps.tolist()):
-        torch.testing.assert_close(x[b], full_x[j][b], rtol=0, atol=0)
-        torch.testing.assert_close(out[b], unet(full_x[j][b : b + 1], full_t[j][b : b + 1])[0], rtol=0, atol=0)
-    assert full_t[0][0] > full_t[4][0] and torch.equal(x[1], x_T[1])  # step 0 is x_T at the largest timestep
+        # the official buffer: the latent after step j (callback_on_step_end), its t_j and the output at x_{t_j}
+        torch.testing.assert_close(x[b], after[j][b], rtol=0, atol=0)
+        torch.testing.assert_close(out[b], outputs[j][b], rtol=0, atol=0)
+        assert t[b] == scheduler.timesteps[j] and not torch.allclose(x[b], before[j][b])
+    assert t[1] == t.max()  # step 0 is at the largest timestep
+    x_before, t_before, out_before = sample_online(unet, scheduler_config, x_T, steps, 5, after_step=False)
+    assert torch.equal(t_before, t) and torch.equal(out_before, out)
+    for b, j in enumerate(steps.tolist()):
+        torch.testing.assert_close(x_before[b], before[j][b], rtol=0, atol=0)
 
 
 def test_lagged_weights_swap_in_and_restore():
@@ -68,14 +78,28 @@ def test_lagged_weights_swap_in_and_restore():
     assert all(torch.equal(lag, b + 1) for lag, b in zip(state.lagged, before, strict=True))
 
 
-def test_first_step_is_the_margin_and_the_online_target_is_the_lagged_output(tmp_path, experts_dir):
+def test_first_step_is_the_margin_and_the_online_error_is_not_zero_after_a_refresh(tmp_path, experts_dir):
     result = train(config(tmp_path, experts_dir, "first", max_train_steps=2, dro_refresh_steps=1))
     first = result.history[0]
     # LoRA starts as the reference (B = 0): every excess is 0 and the hinge gives the margin
     assert first["loss"] == pytest.approx(1e-3, abs=1e-9) and first["active_fraction"] == 1.0
-    # the policy is the lagged copy (refreshed before every micro-step): its error on the copy's own output is 0
-    assert all(h["online_error"] < 1e-10 for h in result.history)
+    # the policy is the lagged copy (refreshed before every micro-step), but the online latent is one solver step past
+    # the one the copy's output was predicted at, so the online side has an error (and a gradient)
+    assert all(h["online_error"] > 1e-6 for h in result.history)
     assert first["expert_error"] > 1e-3
+    # with the latent before the step the target is the copy's own output at it: the online error is 0
+    before = train(config(tmp_path, experts_dir, "before", max_train_steps=1, dro_online_latent="before_step"))
+    assert before.history[0]["online_error"] < 1e-10
+
+
+def test_swapped_roles_put_the_online_samples_in_the_experts_place(tmp_path, experts_dir):
+    normal = train(config(tmp_path, experts_dir, "normal", max_train_steps=1)).history[0]
+    swapped = train(config(tmp_path, experts_dir, "swapped", max_train_steps=1, dro_swap_roles=True)).history[0]
+    # the same draws at step 1 (policy = reference = lagged copy): the two sides trade places in the hinge, whose
+    # direction (expert side pulled down, online side pushed up) test_online_losses checks
+    assert swapped["online_error"] == pytest.approx(normal["expert_error"], rel=1e-6)
+    assert swapped["expert_error"] == pytest.approx(normal["online_error"], rel=1e-6)
+    assert normal["expert_error"] != pytest.approx(normal["online_error"], rel=1e-2)
 
 
 def test_clipping_bounds_the_total_gradient_norm(tmp_path, experts_dir, monkeypatch):
