@@ -82,8 +82,6 @@ class MapFeed:
 class StreamFeed:
     """Micro-batches of a stream, whole accumulation cycles only, in step on every process (see the module doc)."""
 
-    steps_per_epoch = None
-
     def __init__(
         self,
         dataset: StreamingPreferenceDataset,
@@ -131,7 +129,6 @@ class StreamFeed:
         while True:
             cycle = list(itertools.islice(iterator, self.accumulation))
             if not self._all_have(len(cycle) == self.accumulation):
-                self.dataset.start = 0
                 return
             for batch in cycle:
                 self.seen += 1
