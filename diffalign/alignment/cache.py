@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..files import settings_difference, write_json
 from .data import PreferenceDataset, StreamingPreferenceDataset, collate_preferences
 
 SHARD_SIZE = 256
@@ -67,12 +68,6 @@ def _write_shard(path: Path, items: list[dict], backbone, device, batch_size: in
     os.replace(temporary, path)
 
 
-def _write_json(path: Path, value) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2))
-    os.replace(temporary, path)
-
-
 def _claim(cache_dir: Path, meta: dict, accelerator) -> bool:
     """Check ``cache_dir`` against ``meta`` on every process, write ``meta.json`` first if it is new. Collective.
     Returns True when the cache is already complete."""
@@ -81,15 +76,11 @@ def _claim(cache_dir: Path, meta: dict, accelerator) -> bool:
         raise ValueError(f"cache meta lacks {missing}; name at least {list(REQUIRED_META)} of what is encoded.")
     meta_path = cache_dir / "meta.json"
     if meta_path.is_file():
-        found = json.loads(meta_path.read_text())
-        differ = sorted(key for key in set(found) | set(meta) if found.get(key) != meta.get(key))
-        if differ:
+        difference = settings_difference(json.loads(meta_path.read_text()), meta)
+        if difference:
             raise ValueError(
-                f"cache {cache_dir} was built for "
-                + ", ".join(f"{key}={found.get(key)!r}" for key in differ)
-                + "; this run needs "
-                + ", ".join(f"{key}={meta.get(key)!r}" for key in differ)
-                + ". Delete the folder or pass another --cache_dir."
+                f"cache {cache_dir} was built for {difference[0]}; this run needs {difference[1]}. Delete the folder "
+                "or pass another --cache_dir."
             )
     elif cache_dir.is_dir() and any(cache_dir.glob("shard_*")):
         raise ValueError(
@@ -99,7 +90,7 @@ def _claim(cache_dir: Path, meta: dict, accelerator) -> bool:
     accelerator.wait_for_everyone()  # everyone has checked before anyone writes
     if accelerator.is_main_process and not meta_path.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(meta_path, meta)
+        write_json(meta_path, meta)
     accelerator.wait_for_everyone()
     return (cache_dir / "shards.json").is_file()
 
@@ -112,7 +103,7 @@ def _finish(cache_dir: Path, accelerator) -> None:
         for path in sorted(cache_dir.glob("shard_*.safetensors")):
             with safe_open(str(path), framework="pt") as handle:
                 shards.append([path.name, len(json.loads(handle.metadata()["prompts"]))])
-        _write_json(cache_dir / "shards.json", shards)
+        write_json(cache_dir / "shards.json", shards)
     accelerator.wait_for_everyone()
 
 

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from ..evaluation.harness import SamplingOptions, read_prompts, resolve_sampling
+from ..files import settings_difference, write_json
 from ..options import option
 from .config import EMBEDDED_MODEL
 
@@ -110,23 +111,17 @@ def _claim(out: Path, info: dict) -> None:
     """Write ``generation.json`` first; refuse a folder made with other settings."""
     path = out / INFO_NAME
     if path.is_file():
-        found = json.loads(path.read_text())
-        differ = sorted(key for key in set(found) | set(info) if found.get(key) != info.get(key))
-        if differ:
+        difference = settings_difference(json.loads(path.read_text()), info)
+        if difference:
             raise ValueError(
-                f"{out} was generated with "
-                + ", ".join(f"{key}={found.get(key)!r}" for key in differ)
-                + "; this run has "
-                + ", ".join(f"{key}={info.get(key)!r}" for key in differ)
-                + ". Pass another --out, or delete the folder."
+                f"{out} was generated with {difference[0]}; this run has {difference[1]}. Pass another --out, or "
+                "delete the folder."
             )
         return
     if out.is_dir() and any(out.glob("*.parquet")):
         raise ValueError(f"{out} holds parquet files but no {INFO_NAME}; pass another --out.")
     out.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(info, indent=2))
-    os.replace(temporary, path)
+    write_json(path, info)
 
 
 def _write_shard(path: Path, columns: dict) -> None:

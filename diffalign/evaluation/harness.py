@@ -23,11 +23,12 @@ from typing import Literal
 
 import torch
 
+from ..files import write_json
 from ..models.digits import NUM_CLASSES, DigitsPipeline, load_digits_pipeline
 from ..options import option, validate_choices
 from ..samplers import swap_scheduler
 from .bootstrap import compare_scores
-from .report import write_grid, write_json, write_markdown
+from .report import write_grid, write_markdown
 from .rewards import load_reward
 
 EMBEDDED_MODEL = "digits-cond"

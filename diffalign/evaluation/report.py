@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -13,14 +12,6 @@ CELL = 64
 LABEL_WIDTH = 160
 GAP = 2
 """White pixels between cells."""
-
-
-def write_json(path: Path, report: dict) -> Path:
-    """Write ``report`` as indented JSON atomically (temporary file, then rename)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    temporary.replace(path)
-    return path
 
 
 def _interval(stats: dict, key: str) -> str:
