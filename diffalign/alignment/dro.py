@@ -5,12 +5,18 @@ One micro-step, as ``train.py`` of the official code with its defaults (buffer o
 trajectories every micro-step):
 
 1. the expert image x_0 of each record (candidate 0 of the batch: a ``{"prompt", "image"}`` record with K = 1, or
-   the preferred image of pair / ranked data) and its prompt c;
-2. the lagged copy p_theta samples a trajectory for c with DPM-Solver++ (20 steps, guidance 1) from x_T; one step j
-   of it is drawn uniformly per record; its timestep t_j, the latent after the solver step and the lagged copy's
-   model output at (x_{t_j}, t_j) are kept, as the official replay buffer records them (``xt``, ``t`` and
-   ``eps = noise_pred`` in diffusers' ``callback_on_step_end``, which runs after ``scheduler.step``; one step
-   sampled per trajectory). Sampling stops after the last step drawn in the batch;
+   the preferred image of pair / ranked data) and its prompt c, replaced by the empty prompt with probability
+   ``dro_drop_prompt_probability`` (official ``--random_drop_prompt_probability 0.2`` in ``encode_prompt``; the
+   buffer stores that embedding, so the online sample and both sides of the loss use it);
+2. the lagged copy p_theta samples a trajectory for c with DPM-Solver++ (20 steps, guidance 1) from x_T; one step i
+   of it is drawn uniformly per record; the latent x_{t_i} *before* that step, its timestep t_i and the lagged
+   copy's model output at (x_{t_i}, t_i) are kept. That is the official buffer's sample: ``train.py`` pushes x_T to
+   ``xt`` before calling the pipeline, the ``callback_on_step_end`` then pushes the latent after each step, so
+   ``xt`` holds [x_T, after_0, ..., after_{T-1}] (T + 1 entries), and ``commit`` keeps ``stack(...)[:, :T]`` =
+   [x_T, after_0, ..., after_{T-2}]: entry i is the latent step i started from, beside that step's ``t`` and
+   ``noise_pred``. With ``dro_perturb_timesteps`` (official ``--buffer_perturb_timesteps``, default on) each
+   sample has its own grid ``(arange(T) * r).flip(0) + u``, r = 1000 // T, u uniform in [0, r), drawn per sample
+   (``perturbed_grids``). Sampling stops at the last step drawn in the batch;
 3. the expert image is noised at the same t with fresh noise; the policy and the frozen reference denoise both, the
    expert against its noise and the online latent against the lagged copy's output; ``losses.dro_loss`` takes the
    four per-sample errors.
@@ -19,15 +25,16 @@ After each optimizer step the EMA of the trainable weights is updated (diffusers
 defaults: decay 0.9999 reached through the warm-up min(decay, (1 + s) / (10 + s))). Every ``dro_refresh_steps``
 micro-steps the lagged copy is set to the policy, before the next micro-step samples (official:
 ``unet_policy.load_state_dict(unet)`` when ``step % buffer_update_steps == 0``, steps counted in micro-steps).
-Because the online latent is one solver step past the latent the target was predicted at, the policy's online error
-is not 0 even right after a refresh, and the online side has a gradient at every step. The lagged
-copy and the EMA are tensors of the trainable parameters (the LoRA weights, or every UNet weight for full
-fine-tuning); the lagged copy samples by swapping its tensors into the UNet.
+Right after a refresh the policy is the lagged copy, whose own output at x_{t_i} is the online target: the online
+error is then 0 and only the expert side has a gradient. The lagged copy and the EMA are tensors of the trainable
+parameters (the LoRA weights, or every UNet weight for full fine-tuning); the lagged copy samples by swapping its
+tensors into the UNet.
 
-Determinism and resume: x_T, the step j and the expert noise come from the record's generator
-(``noise.record_generator(seed, epoch, index)``), so a run is the same on 1 or N processes and after a resume. A
-checkpoint holds ``dro_state.safetensors`` (lagged copy and EMA shadow weights) and ``dro_state.json`` (micro-step
-count, EMA step); the buffer is one batch that the next micro-step samples anew, so it needs no storage.
+Determinism and resume: x_T, the step i, the expert noise, the grid offset u and the prompt drop come from the
+record's generator (``noise.record_generator(seed, epoch, index)``), so a run is the same on 1 or N processes and
+after a resume. A checkpoint holds ``dro_state.safetensors`` (lagged copy and EMA shadow weights) and
+``dro_state.json`` (micro-step count, EMA step); the buffer is one batch that the next micro-step samples anew, so it
+needs no storage.
 """
 
 from __future__ import annotations
@@ -37,11 +44,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from ..options import option, validate_choices
+from ..options import option
 from ..samplers import DPMSolverPPScheduler
 from .losses import denoising_errors, dro_loss
 from .noise import record_generator
@@ -71,11 +77,17 @@ class DROOptions:
         "method dro (Diffusion-DRO)",
     )
 
-    dro_online_latent: Literal["after_step", "before_step"] = option(
-        "after_step",
-        "online sample of a drawn solver step i: the latent after the step (official buffer: diffusers' "
-        "callback_on_step_end) or x_{t_i} itself, whose target is then the lagged copy's own output (no online "
-        "gradient right after a refresh); both paired with t_i and the copy's output at x_{t_i}",
+    dro_perturb_timesteps: bool = option(
+        True,
+        "give each online sample its own DPM-Solver++ grid (arange(T) * r).flip(0) + u, r = 1000 // T, u uniform in "
+        "[0, r) per sample (official --buffer_perturb_timesteps), so the online timesteps cover every training "
+        "timestep; false: the scheduler's grid of dro_sample_steps for every sample",
+        "method dro (Diffusion-DRO)",
+    )
+    dro_drop_prompt_probability: float = option(
+        0.2,
+        "probability that a record's prompt is replaced by the empty prompt for its online sample and both sides of "
+        "the hinge (official --random_drop_prompt_probability)",
         "method dro (Diffusion-DRO)",
     )
     dro_swap_roles: bool = option(
@@ -92,47 +104,96 @@ class DROOptions:
             raise ValueError("dro_sample_steps and dro_refresh_steps must be >= 1.")
         if not 0 <= self.dro_ema_decay < 1:
             raise ValueError(f"dro_ema_decay must be in [0, 1), got {self.dro_ema_decay}.")
-        validate_choices(self)
+        if not 0 <= self.dro_drop_prompt_probability <= 1:
+            raise ValueError(f"dro_drop_prompt_probability must be in [0, 1], got {self.dro_drop_prompt_probability}.")
+
+
+@dataclass
+class RecordDraws:
+    """The random draws of one micro-step, each record's from its own generator (in this order)."""
+
+    x_T: torch.Tensor  # (B, c, h, w) initial noise of the online sample
+    steps: torch.Tensor  # (B,) the solver step i in [0, num_steps) whose latent is kept
+    noise: torch.Tensor  # (B, c, h, w) the expert's noise
+    offsets: torch.Tensor  # (B,) grid offset u in [0, step_ratio) of the perturbed grid
+    drop: torch.Tensor  # (B,) uniform in [0, 1): the prompt is dropped when below the drop probability
 
 
 def record_draws(
-    index: torch.Tensor, epoch: int, seed: int, shape: tuple[int, ...], num_steps: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per record: x_T (B, c, h, w), the trajectory step j (B,) in [0, num_steps) and the expert noise (B, c, h, w)."""
-    x_T, steps, noise = [], [], []
+    index: torch.Tensor, epoch: int, seed: int, shape: tuple[int, ...], num_steps: int, step_ratio: int
+) -> RecordDraws:
+    """Per record: x_T, the trajectory step, the expert noise, the grid offset and the prompt-drop uniform."""
+    draws = []
     for i in index.tolist():
         generator = record_generator(seed + 7_919, epoch, i)  # a stream of its own beside the noise providers'
-        x_T.append(torch.randn(shape, generator=generator))
-        steps.append(torch.randint(0, num_steps, (1,), generator=generator))
-        noise.append(torch.randn(shape, generator=generator))
-    return torch.stack(x_T), torch.cat(steps), torch.stack(noise)
+        draws.append(
+            (
+                torch.randn(shape, generator=generator),
+                torch.randint(0, num_steps, (1,), generator=generator)[0],
+                torch.randn(shape, generator=generator),
+                torch.randint(0, step_ratio, (1,), generator=generator)[0],
+                torch.rand((), generator=generator),
+            )
+        )
+    return RecordDraws(*(torch.stack(column) for column in zip(*draws, strict=True)))
+
+
+def step_ratio(num_train_timesteps: int, num_steps: int) -> int:
+    """The official grid spacing r = num_train_timesteps // num_steps of the perturbed grids."""
+    if num_steps > num_train_timesteps:
+        raise ValueError(
+            f"dro_sample_steps={num_steps} exceeds the {num_train_timesteps} training timesteps; lower it."
+        )
+    return num_train_timesteps // num_steps
+
+
+def perturbed_grids(offsets: torch.Tensor, num_steps: int, ratio: int) -> torch.Tensor:
+    """(B,) offsets u -> (B, num_steps) decreasing model timesteps (arange(T) * r).flip(0) + u (official
+    ``--buffer_perturb_timesteps``: ``timesteps[:, None] + randint(0, step_ratio, (1, B))``)."""
+    return (torch.arange(num_steps) * ratio).flip(0)[None] + offsets[:, None].long()
 
 
 @torch.no_grad()
-def sample_online(
-    unet, scheduler_config, x_T: torch.Tensor, steps: torch.Tensor, num_steps: int, after_step: bool = True
-):
-    """DPM-Solver++(2M) from x_T (B, c, h, w) with ``unet(x, t) -> output``; for each sample b, at its step
-    i = ``steps[b]`` -> (the latent after the step (B, c, h, w), the step's timestep t_i (B,), the model output at
-    (x_{t_i}, t_i) (B, c, h, w)). Stops after the last step needed. ``after_step=False`` keeps x_{t_i} instead.
+def sample_online(unet, scheduler_config, x_T: torch.Tensor, steps: torch.Tensor, num_steps: int, grids=None):
+    """DPM-Solver++(2M) from x_T (B, c, h, w) with ``unet(x, t (B,)) -> output``; for each sample b, at its step
+    i = ``steps[b]`` -> (x_{t_i} (B, c, h, w), the latent the step starts from; t_i (B,); the model output at
+    (x_{t_i}, t_i) (B, c, h, w)), as the official buffer (module docstring). Stops at the last step needed.
 
-    The latent is the one *after* the solver step, as the official buffer records it: ``ReplayBuffer.callback_fn`` is
-    diffusers' ``callback_on_step_end``, called after ``latents = scheduler.step(noise_pred, t, latents)`` with the
-    step's t and ``noise_pred``. (With the latent before the step the policy's target would be its own output, so
-    right after a refresh its online error would be exactly 0 and the online side would have no gradient.)"""
-    scheduler = DPMSolverPPScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(num_steps, device=x_T.device)
+    ``grids`` (B, num_steps): each sample's own model timesteps (``perturbed_grids``), solved on its own noise
+    levels by a scheduler of its own; None: the scheduler's grid for ``num_steps``. (The official sample-wise
+    DPM-Solver, ``misc/patch.py``, conditions the model on each sample's timesteps but keeps the sigmas that
+    ``set_timesteps(timesteps[:, 0])`` built, so every sample steps between the noise levels of sample 0's grid;
+    here each latent is at the noise level of its own t, and a record's trajectory does not depend on the others
+    in its batch.)"""
+    schedulers = []
+    for b in range(len(x_T)):
+        scheduler = DPMSolverPPScheduler.from_config(scheduler_config)
+        if grids is None:
+            scheduler.set_timesteps(num_steps)
+        else:
+            scheduler.set_timesteps(timesteps=grids[b].tolist())
+        schedulers.append(scheduler)
+    timesteps = torch.stack([scheduler.timesteps for scheduler in schedulers], 1).long()  # (num_steps, B)
     x, kept_x, kept_out = x_T, torch.empty_like(x_T), torch.empty_like(x_T)
     kept_t = torch.zeros(len(x_T), dtype=torch.long, device=x_T.device)
-    for i, t in enumerate(scheduler.timesteps[: int(steps.max()) + 1]):
-        t_batch = t.expand(len(x)).to(x.device)
-        output = unet(scheduler.scale_model_input(x, t), t_batch).float()  # (B, c, h, w)
-        x_next = scheduler.step(output, t, x).prev_sample
+    last = int(steps.max())
+    for i in range(last + 1):
+        t = timesteps[i].to(x.device)  # (B,)
+        output = unet(x, t).float()  # (B, c, h, w)
         here = steps.to(x.device) == i
-        kept_x[here] = (x_next if after_step else x)[here]
-        kept_out[here], kept_t[here] = output[here], t_batch[here].long()
-        x = x_next
+        kept_x[here], kept_out[here], kept_t[here] = x[here], output[here], t[here]
+        if i < last:  # each sample steps on its own scheduler -> (B, c, h, w)
+            x = torch.cat([s.step(output[b, None], t[b], x[b, None]).prev_sample for b, s in enumerate(schedulers)])
     return kept_x, kept_t, kept_out
+
+
+def drop_prompts(cond: dict, empty: dict, drop: torch.Tensor) -> dict:
+    """The conditioning (B, ...) with the rows where ``drop`` (B,) is True replaced by the empty prompt's."""
+    dropped = dict(cond)
+    for key, value in empty.items():
+        mask = drop.to(value.device).view(-1, *[1] * (value.ndim - 1))
+        dropped[key] = torch.where(mask, value.to(cond[key]), cond[key])
+    return dropped
 
 
 class DROState:
@@ -235,22 +296,20 @@ def dro_forward(step, state: DROState, options: DROOptions, batch: dict, epoch: 
     batch = expert_only(batch, CANDIDATE_KEYS)
     latents, cond = step.encode(batch)  # (B, 1, c, h, w), (B, ...)
     expert = latents[:, 0]  # (B, c, h, w)
-    device = expert.device
-    x_T, steps, expert_noise = record_draws(
-        batch["index"], epoch, step.config.seed, tuple(expert.shape[1:]), options.dro_sample_steps
-    )
+    device, num_steps = expert.device, options.dro_sample_steps
+    scheduler = step.backbone.noise_scheduler
+    ratio = step_ratio(scheduler.config.num_train_timesteps, num_steps)
+    draws = record_draws(batch["index"], epoch, step.config.seed, tuple(expert.shape[1:]), num_steps, ratio)
+    drop = draws.drop < options.dro_drop_prompt_probability  # (B,)
+    if drop.any():
+        cond = drop_prompts(cond, step.backbone.encode_prompts([""] * len(drop), device), drop)
+    grids = perturbed_grids(draws.offsets, num_steps, ratio) if options.dro_perturb_timesteps else None
     kwargs = step.unet_kwargs(cond, batch["time_ids"])
     with state.lagged_weights():
         online, t, online_target = sample_online(
-            step.policy(kwargs, grad=False),
-            step.backbone.noise_scheduler.config,
-            x_T.to(device),
-            steps,
-            options.dro_sample_steps,
-            after_step=options.dro_online_latent == "after_step",
+            step.policy(kwargs, grad=False), scheduler.config, draws.x_T.to(device), draws.steps, num_steps, grids
         )  # (B, c, h, w), (B,), (B, c, h, w)
-    scheduler = step.backbone.noise_scheduler
-    expert_noise = expert_noise.to(device)
+    expert_noise = draws.noise.to(device)
     noisy_expert = scheduler.add_noise(expert, expert_noise, t)
     expert_target = step.backbone.target(expert, expert_noise, t)
     # expert and online samples stacked (2 B, ...), expert first, as the official code

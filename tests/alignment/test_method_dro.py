@@ -1,8 +1,10 @@
-"""Diffusion-DRO on the shared trainer: the online samples and their targets, the lagged copy, EMA, clipping,
-resume, full fine-tuning and a one-step run on the tiny SDXL pipeline."""
+"""Diffusion-DRO on the shared trainer: the online samples and their targets, the perturbed grids, prompt dropping,
+the lagged copy, EMA, clipping, resume, full fine-tuning and a one-step run on the tiny SDXL pipeline."""
 
 import importlib.util
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,14 @@ from safetensors.torch import load_file
 
 from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.digits_experts import EXPERTS_JSONL, make_digits_experts
-from diffalign.alignment.dro import DROOptions, DROState, sample_online
+from diffalign.alignment.dro import (
+    DROOptions,
+    DROState,
+    drop_prompts,
+    perturbed_grids,
+    record_draws,
+    sample_online,
+)
 from diffalign.alignment.trainer import train
 from diffalign.models.digits import build_scheduler
 from diffalign.samplers import DPMSolverPPScheduler
@@ -38,29 +47,92 @@ def config(tmp_path, experts_dir, name: str, **overrides) -> TrainConfig:
     return TrainConfig(**(options | overrides))
 
 
-def test_sample_online_keeps_the_latent_after_each_samples_step_and_the_output_before():
-    scheduler_config = build_scheduler().config
-    x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    unet = lambda x, t: 0.3 * x + t.float()[:, None, None, None] / 1000  # noqa: E731
+def trajectory(unet, scheduler_config, x_T, timesteps=None, num_steps=5):
+    """The whole DPM-Solver++ trajectory by hand: latents before each step, outputs, latents after, the grid."""
     scheduler = DPMSolverPPScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(5)
-    x, before, after, outputs = x_T, [], [], []  # the whole trajectory by hand
+    scheduler.set_timesteps(num_steps) if timesteps is None else scheduler.set_timesteps(timesteps=timesteps)
+    x, before, after, outputs = x_T, [], [], []
     for t in scheduler.timesteps:
-        before.append(x), outputs.append(unet(scheduler.scale_model_input(x, t), t.expand(3)))
+        before.append(x), outputs.append(unet(x, t.expand(len(x))))
         x = scheduler.step(outputs[-1], t, x).prev_sample
         after.append(x)
+    return before, outputs, after, scheduler.timesteps
+
+
+def toy_unet(x, t):
+    return 0.3 * x + t.float()[:, None, None, None] / 1000
+
+
+def test_sample_online_keeps_the_latent_before_the_drawn_step_as_the_official_buffer():
+    scheduler_config = build_scheduler().config
+    x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    before, outputs, after, timesteps = trajectory(toy_unet, scheduler_config, x_T)
+    # the official buffer: train.py pushes x_T to "xt", callback_on_step_end then the latent after each step, and
+    # commit() keeps stack(...)[:, :T]; sample() draws one step per trajectory beside its t and noise_pred
+    official_xt = torch.stack([x_T, *after], 1)[:, :5]  # (B, T, c, h, w)
     steps = torch.tensor([4, 0, 2])
-    x, t, out = sample_online(unet, scheduler_config, x_T, steps, 5)
+    x, t, out = sample_online(toy_unet, scheduler_config, x_T, steps, 5)
     for b, j in enumerate(steps.tolist()):
-        # the official buffer: the latent after step j (callback_on_step_end), its t_j and the output at x_{t_j}
-        torch.testing.assert_close(x[b], after[j][b], rtol=0, atol=0)
+        torch.testing.assert_close(x[b], official_xt[b, j], rtol=0, atol=0)
+        torch.testing.assert_close(x[b], before[j][b], rtol=0, atol=0)
         torch.testing.assert_close(out[b], outputs[j][b], rtol=0, atol=0)
-        assert t[b] == scheduler.timesteps[j] and not torch.allclose(x[b], before[j][b])
+        assert t[b] == timesteps[j]
+        assert (x[b] - after[j][b]).abs().max() > 1e-2  # not the latent after the step
     assert t[1] == t.max()  # step 0 is at the largest timestep
-    x_before, t_before, out_before = sample_online(unet, scheduler_config, x_T, steps, 5, after_step=False)
-    assert torch.equal(t_before, t) and torch.equal(out_before, out)
-    for b, j in enumerate(steps.tolist()):
-        torch.testing.assert_close(x_before[b], before[j][b], rtol=0, atol=0)
+
+
+def test_perturbed_grids_follow_the_official_formula_and_each_sample_solves_its_own():
+    grids = perturbed_grids(torch.tensor([0, 17, 49]), 20, 50)  # (3, 20)
+    assert grids[:, 0].tolist() == [950, 967, 999] and grids[:, -1].tolist() == [0, 17, 49]
+    assert (grids[:, :-1] - grids[:, 1:] == 50).all()
+    scheduler_config = build_scheduler().config
+    x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    steps = torch.tensor([19, 7, 12])
+    x, t, out = sample_online(toy_unet, scheduler_config, x_T, steps, 20, grids)
+    for b, j in enumerate(steps.tolist()):  # the same as sample b alone on its own grid
+        before, outputs, _, timesteps = trajectory(toy_unet, scheduler_config, x_T[b, None], grids[b].tolist(), 20)
+        torch.testing.assert_close(x[b], before[j][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out[b], outputs[j][0], rtol=1e-6, atol=1e-6)
+        assert t[b] == timesteps[j] == grids[b, j]
+    # sample 1 on sample 0's noise levels (the official patch's sigmas) would reach another latent
+    before_0, *_ = trajectory(toy_unet, scheduler_config, x_T[1, None], grids[0].tolist(), 20)
+    assert (x[1] - before_0[7][0]).abs().max() > 1e-3
+
+
+def test_record_draws_are_per_record_and_drop_at_the_given_rate():
+    index = torch.arange(4000)
+    draws = record_draws(index, 0, 0, (1, 2, 2), 20, 50)
+    assert draws.offsets.min() == 0 and draws.offsets.max() == 49
+    assert draws.offsets.float().mean() == pytest.approx(24.5, abs=1.0)  # uniform on 0..49: sd of the mean 0.23
+    assert (draws.drop < 0.2).float().mean() == pytest.approx(0.2, abs=0.02)  # binomial sd 0.0063
+    again = record_draws(index[[7, 3]], 0, 0, (1, 2, 2), 20, 50)  # a record's draws do not depend on its batch
+    for field in ("x_T", "steps", "noise", "offsets", "drop"):
+        assert torch.equal(getattr(again, field), getattr(draws, field)[[7, 3]])
+
+
+def test_drop_prompts_replaces_the_dropped_rows_by_the_empty_prompt():
+    cond = {"encoder_hidden_states": torch.arange(12.0).view(3, 2, 2), "text_embeds": torch.ones(3, 4)}
+    empty = {"encoder_hidden_states": torch.full((3, 2, 2), -1.0), "text_embeds": torch.zeros(3, 4)}
+    dropped = drop_prompts(cond, empty, torch.tensor([False, True, False]))
+    assert torch.equal(dropped["encoder_hidden_states"][1], empty["encoder_hidden_states"][1])
+    assert torch.equal(dropped["encoder_hidden_states"][[0, 2]], cond["encoder_hidden_states"][[0, 2]])
+    assert dropped["text_embeds"].sum(1).tolist() == [4.0, 0.0, 4.0]
+
+
+def test_dropping_every_prompt_trains_as_on_empty_prompts(tmp_path, experts_dir):
+    empty_dir = tmp_path / "empty_prompts"
+    shutil.copytree(experts_dir, empty_dir)
+    lines = (empty_dir / EXPERTS_JSONL).read_text().splitlines()
+    (empty_dir / EXPERTS_JSONL).write_text(
+        "".join(json.dumps(json.loads(line) | {"prompt": ""}) + "\n" for line in lines)
+    )
+    common = dict(max_train_steps=2, dro_refresh_steps=100)
+    dropped = train(config(tmp_path, experts_dir, "dropped", dro_drop_prompt_probability=1.0, **common)).history
+    empty = train(config(tmp_path, empty_dir, "empty", dro_drop_prompt_probability=0.0, **common)).history
+    kept = train(config(tmp_path, experts_dir, "kept", dro_drop_prompt_probability=0.0, max_train_steps=1)).history
+    for key in ("loss", "expert_error", "online_error"):
+        assert [h[key] for h in dropped] == pytest.approx([h[key] for h in empty], rel=1e-6, abs=1e-12)
+    assert kept[0]["expert_error"] != pytest.approx(dropped[0]["expert_error"], rel=1e-3)
 
 
 def test_lagged_weights_swap_in_and_restore():
@@ -78,18 +150,17 @@ def test_lagged_weights_swap_in_and_restore():
     assert all(torch.equal(lag, b + 1) for lag, b in zip(state.lagged, before, strict=True))
 
 
-def test_first_step_is_the_margin_and_the_online_error_is_not_zero_after_a_refresh(tmp_path, experts_dir):
-    result = train(config(tmp_path, experts_dir, "first", max_train_steps=2, dro_refresh_steps=1))
+def test_first_step_is_the_margin_and_the_online_error_is_zero_right_after_a_refresh(tmp_path, experts_dir):
+    result = train(config(tmp_path, experts_dir, "first", max_train_steps=3, dro_refresh_steps=1))
     first = result.history[0]
     # LoRA starts as the reference (B = 0): every excess is 0 and the hinge gives the margin
     assert first["loss"] == pytest.approx(1e-3, abs=1e-9) and first["active_fraction"] == 1.0
-    # the policy is the lagged copy (refreshed before every micro-step), but the online latent is one solver step past
-    # the one the copy's output was predicted at, so the online side has an error (and a gradient)
-    assert all(h["online_error"] > 1e-6 for h in result.history)
     assert first["expert_error"] > 1e-3
-    # with the latent before the step the target is the copy's own output at it: the online error is 0
-    before = train(config(tmp_path, experts_dir, "before", max_train_steps=1, dro_online_latent="before_step"))
-    assert before.history[0]["online_error"] < 1e-10
+    # refreshed before every micro-step, the policy is the lagged copy, and the online target is the copy's own output
+    # at the online latent: the online error is 0 (it would be ~1e-2 with the latent after the solver step)
+    assert all(h["online_error"] < 1e-10 for h in result.history)
+    lagged = train(config(tmp_path, experts_dir, "lagged", max_train_steps=3, dro_refresh_steps=100))
+    assert lagged.history[0]["online_error"] < 1e-10 and lagged.history[2]["online_error"] > 1e-8
 
 
 def test_swapped_roles_put_the_online_samples_in_the_experts_place(tmp_path, experts_dir):
@@ -98,8 +169,8 @@ def test_swapped_roles_put_the_online_samples_in_the_experts_place(tmp_path, exp
     # the same draws at step 1 (policy = reference = lagged copy): the two sides trade places in the hinge, whose
     # direction (expert side pulled down, online side pushed up) test_online_losses checks
     assert swapped["online_error"] == pytest.approx(normal["expert_error"], rel=1e-6)
-    assert swapped["expert_error"] == pytest.approx(normal["online_error"], rel=1e-6)
-    assert normal["expert_error"] != pytest.approx(normal["online_error"], rel=1e-2)
+    assert swapped["expert_error"] == pytest.approx(normal["online_error"], rel=1e-6, abs=1e-12)
+    assert normal["expert_error"] > 1e-3 and normal["online_error"] < 1e-10
 
 
 def test_clipping_bounds_the_total_gradient_norm(tmp_path, experts_dir, monkeypatch):
