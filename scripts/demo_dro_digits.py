@@ -4,13 +4,13 @@ Diffusion-DPO trained offline on pairs of the same number of images, and a rever
 DRO's experts are real digits (``load_digits_data("train")`` with their prompts, ``digits_experts.py``); each
 micro-step the lagged copy draws one DPM-Solver++ sample per record, so after s steps of batch B the run has drawn
 s B policy samples. The run is stopped and resumed at each budget (the resume continues the same run) and the policy
-is evaluated there (the EMA at the last budget). The reversed control trains with ``--dro_swap_roles`` (the online
-samples take the experts' place in the hinge and the expert images the online side). Both run twice: with the
-official online latent (after the drawn solver step) and with ``--dro_online_latent before_step``. At each budget N,
-Diffusion-DPO trains for the same number of steps at the same learning rate on the N / 2 best-vs-worst pairs of N
-digits-cond samples ranked by the digits classifier (``digits_pairs.py``). Every model is evaluated with the eval
-harness (``diffalign eval``: held-out seeds, the same initial noise for every model, the digits reward log
-p(prompted digit), paired bootstrap intervals, win-rate).
+is evaluated there (the EMA at the last budget). DRO runs with the official defaults (``DROOptions``: online latent
+before the drawn step, per-sample perturbed grids, 20% prompt dropping) unless ``--dro-options`` overrides some. The
+reversed control trains with ``--dro_swap_roles`` (the online samples take the experts' place in the hinge and the
+expert images the online side). At each budget N, Diffusion-DPO trains for the same number of steps at the same
+learning rate on the N / 2 best-vs-worst pairs of N digits-cond samples ranked by the digits classifier
+(``digits_pairs.py``). Every model is evaluated with the eval harness (``diffalign eval``: held-out seeds, the same
+initial noise for every model, the digits reward log p(prompted digit), paired bootstrap intervals, win-rate).
 
 Each part writes ``rows_<part>.json``, so the parts can run as separate processes (``--parts``); every call writes
 ``demo.md`` and ``reward_vs_samples.png`` from the rows found in ``--out``.
@@ -36,31 +36,15 @@ from diffalign.models.digits import load_digits_pipeline
 
 COMMON = dict(
     train_batch_size=16,
-    learning_rate=3e-5,
     lora_rank=8,
     lora_target_modules="to_v,to_out.0,conv1,conv2",
     progress_bar=False,
 )
-"""Options of both methods: the LoRA of the Diffusion-DPO demo, a batch of 16 and lr 3e-5 (at 1e-4 even DPO is
-unstable on the saturated digits reward, ``docs/methods/smpo_rankdpo.md``)."""
+"""Options of both methods: the LoRA of the Diffusion-DPO demo and a batch of 16 (learning rate: --learning-rate)."""
 DPO_CONFIG = dict(beta=500.0, checkpointing_steps=0)
-DRO_PARTS = {
-    "dro": dict(dro_online_latent="after_step", dro_swap_roles=False),
-    "dro_reversed": dict(dro_online_latent="after_step", dro_swap_roles=True),
-    "dro_before": dict(dro_online_latent="before_step", dro_swap_roles=False),
-    "dro_before_reversed": dict(dro_online_latent="before_step", dro_swap_roles=True),
-}
-"""DRO runs: the official online latent (after the solver step) and the latent before it, each with the roles of
-expert and online sample swapped as the reversed control."""
-PARTS = (*DRO_PARTS, "dpo")
-NAMES = {
-    "dro": "DRO",
-    "dro_reversed": "DRO reversed (--dro_swap_roles)",
-    "dro_before": "DRO, --dro_online_latent before_step",
-    "dro_before_reversed": "DRO before_step, reversed",
-    "dpo": "DPO (offline pairs)",
-}
-NAMES |= {f"{part}_ema": f"{NAMES[part]}, EMA" for part in DRO_PARTS}
+PARTS = ("dro", "dro_reversed", "dpo")
+NAMES = {"dro": "DRO", "dro_reversed": "DRO reversed (--dro_swap_roles)", "dpo": "DPO (offline pairs)"}
+NAMES |= {f"{part}_ema": f"{NAMES[part]}, EMA" for part in ("dro", "dro_reversed")}
 
 
 def evaluate(lora: Path, out: Path, num_seeds: int) -> dict:
@@ -69,7 +53,7 @@ def evaluate(lora: Path, out: Path, num_seeds: int) -> dict:
     return report["rewards"]["digits"]
 
 
-def run_dro(out: Path, part: str, stages: list[int], num_seeds: int) -> list[dict]:
+def run_dro(out: Path, part: str, stages: list[int], num_seeds: int, common: dict, dro_options: dict) -> list[dict]:
     """One DRO run stopped and resumed at each stage; the policy evaluated there, the EMA at the last stage."""
     experts = make_digits_experts(out / "experts")
     rows, seconds = [], 0.0
@@ -82,8 +66,9 @@ def run_dro(out: Path, part: str, stages: list[int], num_seeds: int) -> list[dic
             max_train_steps=steps,
             checkpointing_steps=steps,
             resume_from_checkpoint="latest",
-            **DRO_PARTS[part],
-            **COMMON,
+            dro_swap_roles=part == "dro_reversed",
+            **dro_options,
+            **common,
         )
         start = time.perf_counter()
         train(config)
@@ -92,25 +77,27 @@ def run_dro(out: Path, part: str, stages: list[int], num_seeds: int) -> list[dic
         folders = [(part, out / part)] + [(f"{part}_ema", out / part / "ema")] * (steps == stages[-1])
         for model, folder in folders:
             reward = evaluate(folder, out / f"eval_{model}_{samples}", num_seeds)
-            rows.append(dict(model=model, samples=samples, steps=steps, train_seconds=seconds, reward=reward))
+            row = dict(model=model, samples=samples, steps=steps, train_seconds=seconds, reward=reward)
+            rows.append(row | dict(learning_rate=config.learning_rate, dro_options=dro_options))
             print(model, samples, reward["mean_difference"], flush=True)
     return rows
 
 
-def run_dpo(out: Path, stages: list[int], num_seeds: int) -> list[dict]:
+def run_dpo(out: Path, stages: list[int], num_seeds: int, common: dict) -> list[dict]:
     """Diffusion-DPO on pairs of N digits-cond samples, for each budget N, for the same number of steps."""
     pipeline, rows = load_digits_pipeline(conditional=True), []
     for steps in stages:
         samples = steps * COMMON["train_batch_size"]
         pairs = make_digits_pairs(out / f"pairs_{samples}", pipeline, samples_per_digit=samples // 10)
         config = TrainConfig(
-            dataset=str(pairs), output_dir=str(out / f"dpo_{samples}"), max_train_steps=steps, **COMMON, **DPO_CONFIG
+            dataset=str(pairs), output_dir=str(out / f"dpo_{samples}"), max_train_steps=steps, **common, **DPO_CONFIG
         )
         start = time.perf_counter()
         train(config)
         seconds = time.perf_counter() - start
         reward = evaluate(out / f"dpo_{samples}", out / f"eval_dpo_{samples}", num_seeds)
-        rows.append(dict(model="dpo", samples=samples, steps=steps, train_seconds=seconds, reward=reward))
+        row = dict(model="dpo", samples=samples, steps=steps, train_seconds=seconds, reward=reward)
+        rows.append(row | dict(learning_rate=config.learning_rate))
         print("dpo", samples, reward["mean_difference"], flush=True)
     return rows
 
@@ -120,10 +107,20 @@ def interval(stats: dict, key: str) -> str:
     return f"{stats[key]:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def setting(rows: list[dict]) -> str:
+    """The learning rates and DRO options the rows were trained with, in one line."""
+    rates = sorted({row["learning_rate"] for row in rows})
+    options = sorted({json.dumps(row["dro_options"]) for row in rows if "dro_options" in row})
+    official = [option if option != "{}" else "the official defaults" for option in options]
+    return f"lr {', '.join(f'{rate:g}' for rate in rates)}; DRO options: {', '.join(official) or '-'}"
+
+
 def markdown(rows: list[dict], num_seeds: int) -> str:
     """One row per (model, budget): mean log p(digit) with its interval, the gain over the base model, win-rate."""
     base = rows[0]["reward"]["base"]
     lines = [
+        f"Setting: {setting(rows)}.",
+        "",
         f"Held-out seeds {EVAL_SEED_OFFSET}..{EVAL_SEED_OFFSET + num_seeds - 1} per digit ({10 * num_seeds} samples "
         "per model), DDIM 2 steps, no guidance, the same initial noise for every model; [95% bootstrap interval]. "
         f"Base digits-cond: mean log p(digit) {interval(base, 'mean')}.",
@@ -152,10 +149,8 @@ def plot(rows: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     curves = (
         ("dpo", "Diffusion-DPO (offline)"),
-        ("dro", "Diffusion-DRO (online, official latent)"),
-        ("dro_reversed", "DRO reversed (official latent)"),
-        ("dro_before", "DRO, latent before the step"),
-        ("dro_before_reversed", "DRO before-step, reversed"),
+        ("dro", "Diffusion-DRO (online)"),
+        ("dro_reversed", "Diffusion-DRO reversed (--dro_swap_roles)"),
     )
     for (key, start, label), axis in zip(
         (("mean_difference", 0.0, "log p(digit): tuned - base"), ("win_rate", None, "win-rate vs base")),
@@ -183,29 +178,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_dro", help="output folder (default: %(default)s)")
     parser.add_argument("--stages", default="30,60,120", help="DRO steps at which to evaluate (x 16 = samples)")
-    parser.add_argument("--reversed-stages", default="120", help="steps of the reversed control's evaluations")
     parser.add_argument(
         "--parts",
         default=",".join(PARTS),
         help="parts to run now; empty: only redraw from the saved rows (default: %(default)s)",
     )
     parser.add_argument("--num-seeds", type=int, default=100, help="held-out seeds per digit (default: %(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=3e-5, help="of both methods (default: %(default)s)")
+    parser.add_argument(
+        "--dro-options",
+        default="{}",
+        help="JSON of DRO options over the official defaults, e.g. '{\"dro_perturb_timesteps\": false}'",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stages, reversed_stages = (
-        [int(s) for s in args.stages.split(",")],
-        [int(s) for s in args.reversed_stages.split(",")],
-    )
+    stages = [int(s) for s in args.stages.split(",")]
+    common, dro_options = COMMON | {"learning_rate": args.learning_rate}, json.loads(args.dro_options)
     for part in filter(None, args.parts.split(",")):
         if part not in PARTS:
             raise ValueError(f"unknown part {part!r}; choose from {', '.join(PARTS)}.")
         if part == "dpo":
-            rows = run_dpo(out, stages, args.num_seeds)
+            rows = run_dpo(out, stages, args.num_seeds, common)
         else:
-            reverse = DRO_PARTS[part]["dro_swap_roles"]
-            rows = run_dro(out, part, reversed_stages if reverse else stages, args.num_seeds)
+            rows = run_dro(out, part, stages, args.num_seeds, common, dro_options)
         (out / f"rows_{part}.json").write_text(json.dumps(rows, indent=2))
     rows = [
         row
