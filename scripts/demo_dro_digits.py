@@ -177,7 +177,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_dro", help="output folder (default: %(default)s)")
-    parser.add_argument("--stages", default="30,60,120", help="DRO steps at which to evaluate (x 16 = samples)")
+    parser.add_argument("--stages", default="30,60,120,240", help="steps at which to evaluate (x 16 = samples)")
     parser.add_argument(
         "--parts",
         default=",".join(PARTS),
