@@ -5,9 +5,10 @@ DRO's experts are real digits (``load_digits_data("train")`` with their prompts,
 micro-step the lagged copy draws one DPM-Solver++ sample per record, so after s steps of batch B the run has drawn
 s B policy samples. The run is stopped and resumed at each budget (the resume continues the same run) and the policy
 is evaluated there (the EMA at the last budget). DRO runs with the official defaults (``DROOptions``: online latent
-before the drawn step, per-sample perturbed grids, 20% prompt dropping) unless ``--dro-options`` overrides some. The
-reversed control trains with ``--dro_swap_roles`` (the online samples take the experts' place in the hinge and the
-expert images the online side). At each budget N, Diffusion-DPO trains for the same number of steps at the same
+before the drawn step, per-sample perturbed grids, 20% prompt dropping) unless ``--dro-options`` overrides some
+(any ``TrainConfig`` field of the DRO runs, e.g. ``{"seed": 1}``). The reversed control trains with
+``--dro_swap_roles`` (the online samples take the experts' place in the hinge and the expert images the online
+side). At each budget N, Diffusion-DPO trains for the same number of steps at the same
 learning rate on the N / 2 best-vs-worst pairs of N digits-cond samples ranked by the digits classifier
 (``digits_pairs.py``). Every model is evaluated with the eval harness (``diffalign eval``: held-out seeds, the same
 initial noise for every model, the digits reward log p(prompted digit), paired bootstrap intervals, win-rate).
@@ -188,7 +189,7 @@ def main() -> None:
     parser.add_argument(
         "--dro-options",
         default="{}",
-        help="JSON of DRO options over the official defaults, e.g. '{\"dro_perturb_timesteps\": false}'",
+        help="JSON of training options of the DRO runs over the defaults, e.g. '{\"dro_perturb_timesteps\": false}'",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
