@@ -26,7 +26,13 @@ import torch.nn.functional as F
 
 from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.digits_pairs import EVAL_SEED_OFFSET
-from diffalign.alignment.patch_quality import PatchSimilarityReward, make_digit_reference_pairs
+from diffalign.alignment.patch_quality import (
+    DATA_SAMPLING,
+    PatchSimilarityReward,
+    make_digit_reference_pairs,
+    to_tensor,
+)
+from diffalign.alignment.records import open_image
 from diffalign.alignment.trainer import train
 from diffalign.evaluation.bootstrap import compare_scores
 from diffalign.evaluation.harness import load_lora, score_pipeline
@@ -61,9 +67,10 @@ def map_statistics(folder: Path) -> str:
 
 
 def ablated_maps(folder: Path, maps: str) -> Path:
-    """A copy of the data whose quality maps are replaced (the ablations of the docs): ``minmax``, each map rescaled
-    to [0, 1] by its own min and max (more contrast); ``zero``, q = 0 everywhere (the loss is then the denoising MSE
-    of the reference images alone)."""
+    """A copy of the data whose quality maps are replaced (the ablations of the docs): ``mean``, each map replaced
+    by its own mean (uniform maps: the image-level loss with the same per-image weights, no patch weighting);
+    ``minmax``, each map rescaled to [0, 1] by its own min and max (more contrast); ``zero``, q = 0 everywhere (the
+    loss is then the denoising MSE of the reference images alone)."""
     target = folder.with_name(f"{folder.name}_{maps}")
     if (target / "pairs.jsonl").is_file():
         return target
@@ -71,8 +78,12 @@ def ablated_maps(folder: Path, maps: str) -> Path:
     for line in (target / "pairs.jsonl").read_text().splitlines():
         for name in json.loads(line)["weight_maps"]:
             quality = np.load(target / name)  # (H, W)
-            span = max(quality.max() - quality.min(), 1e-6)
-            new = (quality - quality.min()) / span if maps == "minmax" else np.zeros_like(quality)
+            if maps == "mean":
+                new = np.full_like(quality, quality.mean())
+            elif maps == "minmax":
+                new = (quality - quality.min()) / max(quality.max() - quality.min(), 1e-6)
+            else:
+                new = np.zeros_like(quality)
             np.save(target / name, new.astype(np.float32))
     return target
 
@@ -81,56 +92,73 @@ def fmt(values: torch.Tensor) -> str:
     return " / ".join(f"{v:.2f}" for v in values.tolist())
 
 
+RUNS = ("patchdpo", "patchdpo:mean", "patchdpo:zero", "dpo")
+"""The default runs, ``method[:maps]``: PatchDPO, its ablations (uniform maps, reference term only) and
+Diffusion-DPO on the same records."""
+LABELS = {
+    "patchdpo": "PatchDPO",
+    "patchdpo:mean": "PatchDPO, uniform maps (each map its mean)",
+    "patchdpo:minmax": "PatchDPO, maps min-max per image",
+    "patchdpo:zero": "PatchDPO, q = 0 (reference term only)",
+    "dpo": "Diffusion-DPO (reference preferred)",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_patchdpo")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--samples_per_digit", type=int, default=32)
-    parser.add_argument("--num_seeds", type=int, default=20)
-    parser.add_argument("--learning_rate", type=float, default=3e-5, help="both methods' learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (data order, timesteps, noise, LoRA init)")
-    parser.add_argument("--maps", choices=("digits", "minmax", "zero"), default="digits", help="ablated_maps")
-    parser.add_argument("--patchdpo_lr", type=float, default=None, help="PatchDPO's own learning rate (default: same)")
+    parser.add_argument("--num_seeds", type=int, default=20, help="held-out eval seeds per prompt")
+    parser.add_argument("--learning_rate", type=float, default=3e-5, help="every run's learning rate")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (order, noise, init)")
+    parser.add_argument("--runs", nargs="+", choices=tuple(LABELS), default=RUNS, help="method[:ablated_maps]")
+    parser.add_argument("--data_sampler", default=DATA_SAMPLING["sampler"], help="sampler of the generated images")
+    parser.add_argument("--data_nfe", type=int, default=DATA_SAMPLING["nfe"])
+    parser.add_argument("--data_guidance", type=float, default=DATA_SAMPLING["guidance_scale"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
-    data = out / "reference_pairs"
+    sampling = {"sampler": args.data_sampler, "nfe": args.data_nfe, "guidance_scale": args.data_guidance}
+    data = out / f"reference_pairs_{args.data_sampler}_{args.data_nfe}_{args.data_guidance:g}"
     start = time.time()
     if not (data / "pairs.jsonl").is_file():
-        make_digit_reference_pairs(data, load_digits_pipeline(conditional=True), args.samples_per_digit)
-    print(f"data: {time.time() - start:.0f} s")
-    if args.maps != "digits":
-        data = ablated_maps(data, args.maps)
-    print(map_statistics(data))
+        make_digit_reference_pairs(data, load_digits_pipeline(conditional=True), args.samples_per_digit, 0, sampling)
+    print(f"data ({sampling}): {time.time() - start:.0f} s; {map_statistics(data)}")
     rewards = {"digits": load_reward("digits"), "patch_similarity": PatchSimilarityReward()}
     prompts = [f"a handwritten {d}" for d in range(10)]
     seeds = list(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + args.num_seeds))
     base = score_pipeline(load_digits_pipeline(conditional=True), prompts, seeds, rewards)
+    train_scores = score_images(data, rewards)
     rows = []
-    for method, options in (("patchdpo", {}), ("dpo", dict(beta=BETA))):
-        start = time.time()
-        run = out / (method if args.maps == "digits" else f"{method}_{args.maps}")
-        config = TrainConfig(
-            **DEMO_CONFIG,
-            **options,
-            method=method,
-            learning_rate=args.patchdpo_lr if method == "patchdpo" and args.patchdpo_lr else args.learning_rate,
-            dataset=str(data),
-            output_dir=str(run),
-            max_train_steps=args.steps,
-            seed=args.seed,
-        )
-        train(config)
-        seconds = time.time() - start
-        pipeline = load_digits_pipeline(conditional=True)
-        load_lora(pipeline, str(run))
-        tuned = score_pipeline(pipeline, prompts, seeds, rewards)
-        report = {name: compare_scores(tuned[name], base[name], group_size=len(seeds)) for name in rewards}
-        (run / "eval.json").write_text(json.dumps(report, indent=2))
-        rows.append((method, seconds, report))
+    for run_name in args.runs:
+        method, _, maps = run_name.partition(":")
+        folder = ablated_maps(data, maps) if maps else data
+        for seed in args.seeds:
+            start = time.time()
+            run = out / f"{data.name}_{run_name.replace(':', '_')}_lr{args.learning_rate:g}_seed{seed}"
+            config = TrainConfig(
+                **DEMO_CONFIG,
+                **(dict(beta=BETA) if method == "dpo" else {}),
+                method=method,
+                learning_rate=args.learning_rate,
+                dataset=str(folder),
+                output_dir=str(run),
+                max_train_steps=args.steps,
+                seed=seed,
+            )
+            train(config)
+            seconds = time.time() - start
+            pipeline = load_digits_pipeline(conditional=True)
+            load_lora(pipeline, str(run))
+            tuned = score_pipeline(pipeline, prompts, seeds, rewards)
+            report = {name: compare_scores(tuned[name], base[name], group_size=len(seeds)) for name in rewards}
+            (run / "eval.json").write_text(json.dumps(report, indent=2))
+            rows.append((f"{LABELS[run_name]}, seed {seed}", seconds, report))
+    print(f"training data (generated images): {train_scores}")
     print(
         f"\n{len(prompts)} prompts x {len(seeds)} held-out seeds (from {EVAL_SEED_OFFSET}), DDIM 2 steps, no guidance;"
-        " [95% cluster-bootstrap interval over prompts]"
+        f" lr {args.learning_rate:g}, {args.steps} steps; [95% cluster-bootstrap interval over prompts]"
     )
     print("| model | train s | digits reward (diff vs base) | patch similarity (diff vs base) | digits win-rate |")
     print("|---|---|---|---|---|")
@@ -138,7 +166,7 @@ def main() -> None:
     print(
         f"| base | - | {first['digits']['base']['mean']:.4f} | {first['patch_similarity']['base']['mean']:.4f} | - |"
     )
-    for method, seconds, report in rows:
+    for label, seconds, report in rows:
         cells = [
             f"{report[k]['tuned']['mean']:.4f} ({report[k]['mean_difference']:+.4f} "
             f"[{report[k]['mean_difference_ci'][0]:+.4f}, {report[k]['mean_difference_ci'][1]:+.4f}])"
@@ -146,7 +174,15 @@ def main() -> None:
         ]
         win = report["digits"]
         cells.append(f"{win['win_rate']:.3f} [{win['win_rate_ci'][0]:.3f}, {win['win_rate_ci'][1]:.3f}]")
-        print(f"| {method} | {seconds:.0f} | " + " | ".join(cells) + " |")
+        print(f"| {label} | {seconds:.0f} | " + " | ".join(cells) + " |")
+
+
+def score_images(data: Path, rewards: dict) -> str:
+    """The mean rewards of the training data's generated images (candidate 1 of each record)."""
+    records = [json.loads(line) for line in (data / "pairs.jsonl").read_text().splitlines()]
+    images = torch.stack([to_tensor(open_image(r["images"][1], data), 1) for r in records])  # (N, 1, 8, 8)
+    prompts = [r["prompt"] for r in records]
+    return ", ".join(f"{name} {model.score_batch(images, prompts).mean():.4f}" for name, model in rewards.items())
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..evaluation.rewards.base import RewardModel
-from ..models.digits import load_digits_classifier, load_digits_data, prompt_to_label
+from ..models.digits import NUM_CLASSES, load_digits_classifier, load_digits_data, prompt_to_label
 from .records import open_image, read_jsonl
 
 
@@ -158,27 +158,44 @@ class PatchSimilarityReward(RewardModel):
         return torch.stack(scores).float()
 
 
-def make_digit_reference_pairs(out_dir: str | Path, pipeline, samples_per_digit: int = 32, seed: int = 0) -> Path:
-    """PatchDPO data on ``digits-cond``: per digit ``samples_per_digit`` samples of the hard demo sampler
-    (``digits_pairs.sample_digits``), each paired with its reference, the real training digit of the prompted class
-    closest to it (highest mean patch quality), as 8x8 PNGs + ``pairs.jsonl`` of ``{"prompt", "images": [reference,
-    generated]}`` with the digits-feature quality maps (``write_quality_maps``). Returns ``out_dir``."""
-    from .digits_pairs import TRAIN_SEED_OFFSET, sample_digits
+DATA_SAMPLING = {"sampler": "dpm_solver_pp", "nfe": 20, "guidance_scale": 1.0}
+"""The sampler of the PatchDPO demo's generated images: the model's regular sampler, as a user makes personalised
+samples (DPM-Solver++ 20 steps: ~99.7% classifier accuracy), not the hard 2-step one the demo evaluates with."""
+
+
+def make_digit_reference_pairs(
+    out_dir: str | Path,
+    pipeline,
+    samples_per_digit: int = 32,
+    seed: int = 0,
+    sampling: dict | None = None,
+    features=None,
+) -> Path:
+    """PatchDPO data on ``digits-cond``: per digit ``samples_per_digit`` samples (``sampling``: the harness's
+    ``sample_images`` settings, ``DATA_SAMPLING`` by default; seeds ``seed * samples_per_digit + i``, below the
+    eval's ``EVAL_SEED_OFFSET``), each paired with its reference, the real training digit of the prompted class
+    closest to it (highest mean patch quality, ``PatchSimilarityReward``'s features), as 8x8 PNGs + ``pairs.jsonl``
+    of ``{"prompt", "images": [reference, generated]}`` with quality maps of ``features`` (``DigitsPatchFeatures()``
+    by default; ``write_quality_maps``). Returns ``out_dir``."""
+    from ..evaluation.harness import sample_images
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    samples, labels, _ = sample_digits(pipeline, samples_per_digit, TRAIN_SEED_OFFSET + seed)  # (N, 1, 8, 8) [-1, 1]
+    prompts = [f"a handwritten {digit}" for digit in range(NUM_CLASSES)]
+    seeds = range(seed * samples_per_digit, (seed + 1) * samples_per_digit)
+    samples = sample_images(pipeline, prompts, seeds, **(sampling or DATA_SAMPLING)) * 2 - 1  # (N, 1, 8, 8) [-1, 1]
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(samples_per_digit)  # (N,) prompt-major
     similarity = PatchSimilarityReward()
     lines = []
     for i, (sample, label) in enumerate(zip(samples.clamp(-1, 1), labels.tolist(), strict=True)):
         members = torch.nonzero(similarity.labels == label).flatten()
-        features = similarity.features((sample[None] + 1) / 2)  # (1, D, g, g)
-        cosine = F.cosine_similarity(features, similarity.references[members], dim=1).clamp_min(0)  # (m, g, g)
+        grid = similarity.features((sample[None] + 1) / 2)  # (1, D, g, g)
+        cosine = F.cosine_similarity(grid, similarity.references[members], dim=1).clamp_min(0)  # (m, g, g)
         reference = similarity.images[members[cosine.flatten(1).mean(dim=1).argmax()]]  # (1, 8, 8)
         for name, image in ((f"images/{i}_reference.png", reference), (f"images/{i}_generated.png", sample)):
             pixels = ((image[0] + 1) * 127.5).round().to(torch.uint8).numpy()
             Image.fromarray(pixels, mode="L").save(out / name)
-        lines.append(json.dumps({"prompt": f"a handwritten {label}", "images": [f"images/{i}_reference.png", name]}))
+        lines.append(json.dumps({"prompt": prompts[label], "images": [f"images/{i}_reference.png", name]}))
     (out / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    write_quality_maps(out, similarity.features, channels=1)
+    write_quality_maps(out, features or similarity.features, channels=1)
     return out
