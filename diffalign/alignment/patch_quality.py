@@ -79,11 +79,51 @@ def load_patch_features(name_or_path: str = "digits", revision: str | None = Non
     return TransformersPatchFeatures(name_or_path, revision, device)
 
 
-def patch_quality(features: torch.Tensor, reference_features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """q = max(0, cos) per patch of features (N, D, g, g) against reference features (N, D, g, g), upsampled to
-    ``size`` (H, W) -> (N, 1, H, W) in [0, 1]."""
-    quality = F.cosine_similarity(features, reference_features, dim=1, eps=1e-6).clamp_min(0)[:, None]  # (N, 1, g, g)
+def patch_cosines(features: torch.Tensor, reference_features: torch.Tensor) -> torch.Tensor:
+    """max(0, cos) per patch of features (N, D, g, g) against reference features (N, D, g, g) -> (N, 1, g, g)."""
+    return F.cosine_similarity(features, reference_features, dim=1, eps=1e-6).clamp_min(0)[:, None]
+
+
+def patch_quality(
+    features: torch.Tensor,
+    reference_features: torch.Tensor,
+    size: tuple[int, int],
+    calibration=None,
+    prompt: str = "",
+) -> torch.Tensor:
+    """q per patch of features (N, D, g, g) against reference features (N, D, g, g), upsampled to ``size`` (H, W)
+    -> (N, 1, H, W) in [0, 1]: q = max(0, cos), or ``calibration(cosines, prompt)`` (e.g. ``SameClassCalibration``)."""
+    quality = patch_cosines(features, reference_features)  # (N, 1, g, g)
+    if calibration is not None:
+        quality = calibration(quality, prompt)
     return F.interpolate(quality, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+class SameClassCalibration:
+    """Patch cosines of digits -> quantiles among real digits: q(p) = the fraction of real same-class pairs whose
+    cosine at patch position p is below the generated image's. The pairs are each real digit of the class (training
+    split) with its reference by the demo's rule, the closest other digit of the class (highest mean patch cosine).
+
+    The raw cosines of the digits features have little contrast (post-SiLU, max-pooled, nearly non-negative: q ~ 0.9
+    almost everywhere); their quantiles spread over [0, 1] by construction: a patch as faithful to its reference as
+    the median real digit is to its own gets q = 0.5, one less faithful than every real pair q = 0.
+    """
+
+    def __init__(self, features=None, split: str = "train"):
+        self.features = features or DigitsPatchFeatures()
+        images, labels = load_digits_data(split)  # (M, 1, 8, 8) in [-1, 1], (M,)
+        grid = self.features((images + 1) / 2)  # (M, D, g, g)
+        self.cosines = {}  # label -> (m, g, g) cosines of the class's real pairs
+        for label in labels.unique().tolist():
+            members = grid[labels == label]  # (m, D, g, g)
+            pairs = torch.stack([patch_cosines(member[None], members)[:, 0] for member in members])  # (m, m, g, g)
+            mean = pairs.flatten(2).mean(dim=2).fill_diagonal_(-1)  # (m, m), itself excluded
+            self.cosines[label] = pairs[torch.arange(len(members)), mean.argmax(dim=1)]  # (m, g, g)
+
+    def __call__(self, cosines: torch.Tensor, prompt: str) -> torch.Tensor:
+        """(N, 1, g, g) patch cosines of images of the digit named in ``prompt`` -> (N, 1, g, g) quantiles."""
+        real = self.cosines[prompt_to_label(prompt)]  # (m, g, g)
+        return (real[None, None] < cosines[:, :, None]).float().mean(dim=2)  # (N, 1, g, g)
 
 
 def to_tensor(image: Image.Image, channels: int) -> torch.Tensor:
@@ -92,23 +132,27 @@ def to_tensor(image: Image.Image, channels: int) -> torch.Tensor:
     return torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1)
 
 
-def candidate_maps(images: list[torch.Tensor], features) -> torch.Tensor:
+def candidate_maps(images: list[torch.Tensor], features, calibration=None, prompt: str = "") -> torch.Tensor:
     """Quality maps (K, 1, H, W) of one record's images (K x (C, H, W) in [0, 1], the reference first): the
-    generated images' q_k, and q_0 = their mean for the reference (module docstring)."""
+    generated images' q_k (``patch_quality``), and q_0 = their mean for the reference (module docstring)."""
     size = images[0].shape[-2:]
     resized = [
         F.interpolate(x[None], size=tuple(size), mode="bilinear")[0] if x.shape[-2:] != size else x for x in images
     ]
     stacked = torch.stack(resized)  # (K, C, H, W)
     grid = features(stacked)  # (K, D, g, g)
-    generated = patch_quality(grid[1:], grid[:1].expand_as(grid[1:]), tuple(size))  # (K - 1, 1, H, W)
+    reference = grid[:1].expand_as(grid[1:])  # (K - 1, D, g, g)
+    generated = patch_quality(grid[1:], reference, tuple(size), calibration, prompt)  # (K - 1, 1, H, W)
     return torch.cat([generated.mean(dim=0, keepdim=True), generated])  # (K, 1, H, W)
 
 
-def write_quality_maps(folder: str | Path, features, jsonl_name: str = "pairs.jsonl", channels: int = 3) -> Path:
+def write_quality_maps(
+    folder: str | Path, features, jsonl_name: str = "pairs.jsonl", channels: int = 3, calibration=None
+) -> Path:
     """Add PatchDPO weight maps to a JSONL dataset of ``{"prompt", "images": [reference, generated, ...]}`` (or
     ``chosen`` = reference, ``rejected`` = generated): one ``.npy`` map per image in ``<folder>/weight_maps/``, the
-    records rewritten (atomically) with ``"weight_maps"``. Returns the JSONL path."""
+    records rewritten (atomically) with ``"weight_maps"``; ``calibration`` as in ``patch_quality`` (it gets each
+    record's prompt). Returns the JSONL path."""
     folder = Path(folder)
     path = folder / jsonl_name
     (folder / "weight_maps").mkdir(exist_ok=True)
@@ -116,7 +160,7 @@ def write_quality_maps(folder: str | Path, features, jsonl_name: str = "pairs.js
     for number, record in read_jsonl(path):
         names = record.get("images") or [record["chosen"], record["rejected"]]
         images = [to_tensor(open_image(name, folder), channels) for name in names]
-        maps = candidate_maps(images, features)  # (K, 1, H, W)
+        maps = candidate_maps(images, features, calibration, record["prompt"])  # (K, 1, H, W)
         record["weight_maps"] = []
         for k, quality in enumerate(maps):
             name = f"weight_maps/{number:06d}_{k}.npy"
@@ -153,8 +197,7 @@ class PatchSimilarityReward(RewardModel):
         scores = []
         for features, prompt in zip(grid, prompts, strict=True):
             references = self.references[self.labels == prompt_to_label(prompt)]  # (m, D, g, g)
-            cosine = F.cosine_similarity(features[None], references, dim=1, eps=1e-6).clamp_min(0)  # (m, g, g)
-            scores.append(cosine.flatten(1).mean(dim=1).max())
+            scores.append(patch_cosines(features[None], references).flatten(1).mean(dim=1).max())
         return torch.stack(scores).float()
 
 
@@ -169,14 +212,14 @@ def make_digit_reference_pairs(
     samples_per_digit: int = 32,
     seed: int = 0,
     sampling: dict | None = None,
-    features=None,
+    calibration=None,
 ) -> Path:
     """PatchDPO data on ``digits-cond``: per digit ``samples_per_digit`` samples (``sampling``: the harness's
     ``sample_images`` settings, ``DATA_SAMPLING`` by default; seeds ``seed * samples_per_digit + i``, below the
     eval's ``EVAL_SEED_OFFSET``), each paired with its reference, the real training digit of the prompted class
     closest to it (highest mean patch quality, ``PatchSimilarityReward``'s features), as 8x8 PNGs + ``pairs.jsonl``
-    of ``{"prompt", "images": [reference, generated]}`` with quality maps of ``features`` (``DigitsPatchFeatures()``
-    by default; ``write_quality_maps``). Returns ``out_dir``."""
+    of ``{"prompt", "images": [reference, generated]}`` with the digits-feature quality maps (``write_quality_maps``;
+    ``calibration``: e.g. ``SameClassCalibration``, None: q = max(0, cos)). Returns ``out_dir``."""
     from ..evaluation.harness import sample_images
 
     out = Path(out_dir)
@@ -190,12 +233,12 @@ def make_digit_reference_pairs(
     for i, (sample, label) in enumerate(zip(samples.clamp(-1, 1), labels.tolist(), strict=True)):
         members = torch.nonzero(similarity.labels == label).flatten()
         grid = similarity.features((sample[None] + 1) / 2)  # (1, D, g, g)
-        cosine = F.cosine_similarity(grid, similarity.references[members], dim=1).clamp_min(0)  # (m, g, g)
+        cosine = patch_cosines(grid, similarity.references[members])  # (m, 1, g, g)
         reference = similarity.images[members[cosine.flatten(1).mean(dim=1).argmax()]]  # (1, 8, 8)
         for name, image in ((f"images/{i}_reference.png", reference), (f"images/{i}_generated.png", sample)):
             pixels = ((image[0] + 1) * 127.5).round().to(torch.uint8).numpy()
             Image.fromarray(pixels, mode="L").save(out / name)
         lines.append(json.dumps({"prompt": prompts[label], "images": [f"images/{i}_reference.png", name]}))
     (out / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    write_quality_maps(out, features or similarity.features, channels=1)
+    write_quality_maps(out, similarity.features, channels=1, calibration=calibration)
     return out
