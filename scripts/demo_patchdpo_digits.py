@@ -162,7 +162,7 @@ def main() -> None:
     prompts = [f"a handwritten {d}" for d in range(10)]
     seeds = list(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + args.num_seeds))
     base = score_pipeline(load_digits_pipeline(conditional=True), prompts, seeds, rewards)
-    rows = []
+    rows, scores = [], {}
     for setting in args.data:
         data = clean if setting == "clean" else add_wrong_details(clean, calibration)
         print(f"{setting} data ({sampling}, q {args.quality}): {map_statistics(data)}")
@@ -190,6 +190,7 @@ def main() -> None:
                 report = {name: compare_scores(tuned[name], base[name], group_size=len(seeds)) for name in rewards}
                 (run / "eval.json").write_text(json.dumps(report, indent=2))
                 rows.append((f"{setting}: {LABELS[run_name]}, seed {seed}", seconds, report))
+                scores[setting, run_name, seed] = tuned
     print(
         f"\n{len(prompts)} prompts x {len(seeds)} held-out seeds (from {EVAL_SEED_OFFSET}), DDIM 2 steps, no guidance;"
         f" lr {args.learning_rate:g}, {args.steps} steps; [95% cluster-bootstrap interval over prompts]"
@@ -211,6 +212,23 @@ def main() -> None:
         win = report["digits"]
         cells.append(f"{win['win_rate']:.3f} [{win['win_rate_ci'][0]:.3f}, {win['win_rate_ci'][1]:.3f}]")
         print(f"| {label} | {seconds:.0f} | " + " | ".join(cells) + " |")
+    print_paired(scores, len(seeds))
+
+
+def print_paired(scores: dict, group_size: int) -> None:
+    """PatchDPO minus each other run of the same data and training seed, paired on the same eval cells."""
+    print("\n| data, seed: PatchDPO minus | digits reward | patch similarity |")
+    print("|---|---|---|")
+    for (setting, run_name, seed), other in scores.items():
+        if run_name == "patchdpo" or (setting, "patchdpo", seed) not in scores:
+            continue
+        mine = scores[setting, "patchdpo", seed]
+        report = {name: compare_scores(mine[name], other[name], group_size=group_size) for name in mine}
+        cells = [
+            f"{r['mean_difference']:+.4f} [{r['mean_difference_ci'][0]:+.4f}, {r['mean_difference_ci'][1]:+.4f}]"
+            for r in (report["digits"], report["patch_similarity"])
+        ]
+        print(f"| {setting}, seed {seed}: {LABELS[run_name]} | " + " | ".join(cells) + " |")
 
 
 def score_images(data: Path, rewards: dict) -> str:

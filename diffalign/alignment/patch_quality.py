@@ -3,17 +3,20 @@ patch (Huang et al. 2025, arXiv 2412.03177, Sec. 3.2), and the maps are stored a
 
 For patch features f (a (D, h, w) grid per image) the quality of patch p of a generated image x against its
 reference y is q(p) = max(0, cos(f_x(p), f_y(p))) in [0, 1] (the paper scores patches by feature similarity to the
-reference; clipping negative cosines to 0 is a choice: an opposite feature is as bad as an unrelated one). The map
-is upsampled (bilinear) to the image resolution. The reference image, candidate 0, gets the map q_0 = q_1 of the
-generated image (K = 2, as the official data: the reference is learnt where the generation failed,
-``losses.patchdpo_loss`` weighs it by 1 - q_0), and for K > 2 the mean of the generated images' maps.
+reference; clipping negative cosines to 0 is a choice: an opposite feature is as bad as an unrelated one), or,
+with a ``calibration`` (``SameClassCalibration`` on digits), that cosine's quantile among real image pairs, which
+spreads q over [0, 1] when the raw cosines are all high. The map is upsampled (bilinear) to the image resolution.
+The reference image, candidate 0, gets the map q_0 = q_1 of the generated image (K = 2, as the official data: the
+reference is learnt where the generation failed, ``losses.patchdpo_loss`` weighs it by 1 - q_0), and for K > 2 the
+mean of the generated images' maps.
 
 Feature models: ``DigitsPatchFeatures`` (the embedded digits classifier's convolutional features: its 4x4 grid
 after the first pooling, each patch a 2x2 block of the 8x8 image), and ``TransformersPatchFeatures`` (any
 ``transformers`` vision backbone that returns patch tokens, e.g. a DINOv2 ``AutoModel``: the last hidden state's
 patch tokens, prefix tokens (CLS, registers) dropped, laid out on their square grid). ``load_patch_features`` names
 them ("digits", or a hub id / local folder). ``PatchSimilarityReward`` scores samples by their mean patch quality
-against the closest of a set of reference images of the prompted digit.
+(raw cosines) against the closest of a set of reference images of the prompted digit; ``make_digit_reference_pairs``
+writes the digits demo's data.
 """
 
 from __future__ import annotations
