@@ -33,6 +33,7 @@ from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.digits_pairs import EVAL_SEED_OFFSET
 from diffalign.alignment.patch_quality import (
     DATA_SAMPLING,
+    DigitsPatchFeatures,
     PatchSimilarityReward,
     SameClassCalibration,
     make_digit_reference_pairs,
@@ -54,6 +55,15 @@ DEMO_CONFIG = dict(
     progress_bar=False,
 )
 BETA = 500.0
+RUNS = ("patchdpo", "patchdpo:mean", "patchdpo:zero", "dpo")
+"""The default runs, ``method[:maps]``: PatchDPO, its ablations (uniform maps, reference term only) and
+Diffusion-DPO on the same records."""
+LABELS = {
+    "patchdpo": "PatchDPO",
+    "patchdpo:mean": "PatchDPO, uniform maps (each map its mean)",
+    "patchdpo:zero": "PatchDPO, q = 0 (reference term only)",
+    "dpo": "Diffusion-DPO (reference preferred)",
+}
 
 
 def map_statistics(folder: Path) -> str:
@@ -76,8 +86,7 @@ def map_statistics(folder: Path) -> str:
 def ablated_maps(folder: Path, maps: str) -> Path:
     """A copy of the data whose quality maps are replaced (the ablations of the docs): ``mean``, each map replaced
     by its own mean (uniform maps: the image-level loss with the same per-image weights, no patch weighting);
-    ``minmax``, each map rescaled to [0, 1] by its own min and max (more contrast); ``zero``, q = 0 everywhere (the
-    loss is then the denoising MSE of the reference images alone)."""
+    ``zero``, q = 0 everywhere (the loss is then the denoising MSE of the reference images alone)."""
     target = folder.with_name(f"{folder.name}_{maps}")
     if (target / "pairs.jsonl").is_file():
         return target
@@ -85,12 +94,7 @@ def ablated_maps(folder: Path, maps: str) -> Path:
     for line in (target / "pairs.jsonl").read_text().splitlines():
         for name in json.loads(line)["weight_maps"]:
             quality = np.load(target / name)  # (H, W)
-            if maps == "mean":
-                new = np.full_like(quality, quality.mean())
-            elif maps == "minmax":
-                new = (quality - quality.min()) / max(quality.max() - quality.min(), 1e-6)
-            else:
-                new = np.zeros_like(quality)
+            new = np.full_like(quality, quality.mean() if maps == "mean" else 0.0)
             np.save(target / name, new.astype(np.float32))
     return target
 
@@ -115,24 +119,12 @@ def add_wrong_details(folder: Path, calibration, fraction: float = 0.3, seed: in
         top, left = rng.integers(0, 2, size=2) * 4
         image[top : top + 4, left : left + 4] = donor[top : top + 4, left : left + 4]
         Image.fromarray(image, mode="L").save(target / record["images"][1])
-    write_quality_maps(target, PatchSimilarityReward().features, channels=1, calibration=calibration)
+    write_quality_maps(target, DigitsPatchFeatures(), channels=1, calibration=calibration)
     return target
 
 
 def fmt(values: torch.Tensor) -> str:
     return " / ".join(f"{v:.2f}" for v in values.tolist())
-
-
-RUNS = ("patchdpo", "patchdpo:mean", "patchdpo:zero", "dpo")
-"""The default runs, ``method[:maps]``: PatchDPO, its ablations (uniform maps, reference term only) and
-Diffusion-DPO on the same records."""
-LABELS = {
-    "patchdpo": "PatchDPO",
-    "patchdpo:mean": "PatchDPO, uniform maps (each map its mean)",
-    "patchdpo:minmax": "PatchDPO, maps min-max per image",
-    "patchdpo:zero": "PatchDPO, q = 0 (reference term only)",
-    "dpo": "Diffusion-DPO (reference preferred)",
-}
 
 
 def main() -> None:
