@@ -87,8 +87,8 @@ class SmPOOptions:
     )
     smpo_inversion_steps: int = option(
         OFFICIAL_INVERSION_STEPS,
-        "inversion steps: 'official' grid points over the whole schedule (official: 5 SD 1.5, 10 SDXL); "
-        "'uniform' steps from 0 to t",
+        "inversion steps: 'official' grid points over the whole schedule (official: 5 SD 1.5, 10 SDXL; "
+        "digits-cond with its 2-step sampler: 2); 'uniform' steps from 0 to t",
         GROUP,
     )
     smpo_renoise: int = option(0, "'uniform' only: ReNoise refinements per inversion step (0: plain DDIM)", GROUP)

@@ -31,6 +31,8 @@ def test_the_grid_is_the_schedulers_and_the_latent_stops_at_the_last_point_below
     inverse = DDIMInverseScheduler.from_config(scheduler.config)
     inverse.set_timesteps(5)
     assert inverse.timesteps.tolist() == [199, 399, 599, 799, 999]  # digits' "trailing" spacing
+    inverse.set_timesteps(2)
+    assert inverse.timesteps.tolist() == [499, 999]  # the demo's grid: as coarse as its 2-step sampler
     at = {t: official_inversion(unet, scheduler, x0, torch.full((8,), t)) for t in (0, 199, 200, 400, 599, 999)}
     assert torch.equal(at[0], x0) and torch.equal(at[199], x0)  # no grid point below t: the clean sample
     assert torch.equal(at[400], at[599]) and not torch.equal(at[200], at[400])  # both stop at 399
