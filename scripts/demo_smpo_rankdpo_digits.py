@@ -4,11 +4,13 @@ Data: ``diffalign pairs`` samples K = 4 candidates for each of ``--prompts_per_d
 (DDIM 2 steps, no guidance) and scores them with the digits reward log p(prompted digit). From those candidates:
 RankDPO trains on all 4 with their scores (once more with a tie margin of 1e-3 in log p, so that candidates whose
 scores differ by float rounding tie); Diffusion-DPO and SmPO on the same best-vs-worst pair of each prompt, SmPO
-with both scores (its smoothed preference p weights each pair by 2p - 1), once with the paper's DDIM-inversion noise
-and once with Diffusion-DPO's forward noise. Each method is trained with the true preferences and flipped ones
-(``--flip_labels``), the same LoRA, learning rate, batch and number of steps, then evaluated with the eval harness
-(``diffalign eval``) against the base model on held-out seeds (paired bootstrap intervals, win-rate). Each method is
-also compared cell by cell with the DPO LoRA of the same label direction on the same seeds.
+with both scores (its smoothed preference p weights each pair by 2p - 1): with the official ReNoise inversion on a
+2-point grid (499, 999: as coarse as the demo's 2-step sampler), on the official 5-point grid, and with
+Diffusion-DPO's forward noise. Each method is
+trained with the true preferences and flipped ones (``--flip_labels``), the same LoRA, learning rate, batch and
+number of steps, then evaluated with the eval harness (``diffalign eval``) against the base model on held-out seeds
+(paired bootstrap intervals, win-rate). Each method is also compared cell by cell with the DPO LoRA of the same label
+direction on the same seeds.
 
     python scripts/demo_smpo_rankdpo_digits.py --out demo_smpo_rankdpo
 """
@@ -42,7 +44,9 @@ DEMO_CONFIG = dict(
 """Training options shared by every method of the demo."""
 METHOD_CONFIG = {
     "DPO": dict(method="dpo", beta=500.0),
-    "SmPO": dict(method="smpo", smpo_beta=50.0, smpo_score_range="digits"),  # beta x 10 x (2p - 1): 500 at p = 1
+    # beta x 10 x (2p - 1): 500 at p = 1; the inversion grid of the sampler's 2 steps
+    "SmPO": dict(method="smpo", smpo_beta=50.0, smpo_score_range="digits", smpo_inversion_steps=2),
+    "SmPO, 5 grid points": dict(method="smpo", smpo_beta=50.0, smpo_score_range="digits"),  # the SD 1.5 grid
     "SmPO, forward noise": dict(method="smpo", smpo_beta=50.0, smpo_score_range="digits", smpo_noise="forward"),
     "RankDPO": dict(method="rankdpo", rankdpo_beta=500.0),
     "RankDPO, tie margin": dict(method="rankdpo", rankdpo_beta=500.0, rankdpo_tie_margin=1e-3),
@@ -51,6 +55,7 @@ METHOD_CONFIG = {
 RUN_NAMES = {
     "DPO": "dpo",
     "SmPO": "smpo",
+    "SmPO, 5 grid points": "smpo_grid5",
     "SmPO, forward noise": "smpo_forward",
     "RankDPO": "rankdpo",
     "RankDPO, tie margin": "rankdpo_margin",
@@ -69,6 +74,7 @@ def make_data(out: Path, prompts_per_digit: int) -> dict[str, Path]:
         "RankDPO": candidates,
         "RankDPO, tie margin": candidates,
         "SmPO": best_worst,
+        "SmPO, 5 grid points": best_worst,
         "SmPO, forward noise": best_worst,
         "DPO": best_worst,
     }

@@ -9,7 +9,7 @@ A method names its provider (``PreferenceMethod.noise``); the trainer calls it o
 - ``"independent"``: a t and an eps per candidate;
 - ``"inversion"``: one t per prompt, and eps such that x_t is the DDIM inversion (Song et al. 2021, Eq. 12 run
   from 0 to t; Mokady et al. 2023) of the clean candidate by the current policy, i.e. x_t lies on the model's own
-  trajectory (SmPO).
+  trajectory (SmPO). ``official_inversion_noise`` is SmPO's own variant of it (a fixed grid that stops below t).
 
 The random draws come from a generator seeded by (seed, epoch, dataset index) of each record, so a record gets the
 same draws on any number of processes and after a resume.
@@ -22,11 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers import DDIMInverseScheduler
 
 from ..samplers import eps_from_model_output
 
 INVERSION_STEPS = 4
 """DDIM steps of the inversion provider from 0 to t."""
+OFFICIAL_INVERSION_STEPS = 5
+"""Grid size of ``official_inversion_noise`` over the whole schedule (the official SmPO code: 5 SD 1.5, 10 SDXL)."""
 
 
 @dataclass
@@ -137,6 +140,52 @@ def inversion_noise(
     noisy = ddim_path(request.unet, request.scheduler, flat_latents, grid, renoise)
     alpha_bar = request.scheduler.alphas_cumprod.to(latents.device)[flat_timesteps].reshape(-1, 1, 1, 1)
     eps = (noisy - alpha_bar.sqrt() * flat_latents) / (1 - alpha_bar).sqrt()  # (K B, c, h, w)
+    return timesteps, eps.unflatten(0, (latents.shape[1], latents.shape[0])).transpose(0, 1)
+
+
+@torch.no_grad()
+def official_inversion(
+    unet: Callable, scheduler, x0: torch.Tensor, timesteps: torch.Tensor, steps: int = OFFICIAL_INVERSION_STEPS
+) -> torch.Tensor:
+    """SmPO's ReNoise inversion as the official ``train.py`` (JaydenLyh/SmPO) runs it: x0 (N, c, h, w), t (N,) ->
+    the inverted latent (N, c, h, w) at the last grid point below each t (x0 itself at or below the first one).
+
+    The grid is ``DDIMInverseScheduler.from_config(scheduler.config).set_timesteps(steps)`` over the whole schedule
+    (the official code: 5 for SD 1.5, 10 for SDXL), and each sample takes the grid points g < t in turn. The step
+    to g starts from the previous grid point (the first from the clean x0) and is ``DDIMInverseScheduler.step``
+    with the average of two predictions at timestep g (ReNoise, Garibi et al. 2024, one iteration with averaging):
+    one on the current latent, one on the first estimate of the latent at g. ``unet(x, t)`` as ``NoiseRequest``'s.
+    """
+    inverse = DDIMInverseScheduler.from_config(scheduler.config)
+    inverse.set_timesteps(steps, device=x0.device)
+    x = x0
+    for grid_t in inverse.timesteps:
+        active = (grid_t < timesteps).reshape(-1, *[1] * (x0.ndim - 1))  # (N, 1, 1, 1)
+        if not active.any():
+            break
+        level = grid_t.expand(len(x))  # (N,)
+        output = unet(x, level)
+        first = inverse.step(output, grid_t, x).prev_sample
+        output = (output + unet(first, level)) / 2
+        x = torch.where(active, inverse.step(output, grid_t, x).prev_sample, x)
+    return x
+
+
+def official_inversion_noise(
+    request: NoiseRequest, steps: int = OFFICIAL_INVERSION_STEPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One t per prompt; each candidate's ``official_inversion`` by the policy, trained at t as the official code
+    does: eps = (x - sqrt(abar_t) x_0) / sqrt(1 - abar_t), so x has less noise than t says and eps has an x_0
+    component."""
+    if request.unet is None:
+        raise ValueError("the inversion noise provider needs the policy UNet callable (NoiseRequest.unet).")
+    latents = request.latents  # (B, K, c, h, w)
+    timesteps, _ = _draws(request, per_candidate=False)  # (B, K), shared by the candidates
+    x0 = latents.transpose(0, 1).flatten(0, 1)  # (K B, c, h, w) candidate-major
+    t = timesteps.transpose(0, 1).flatten(0, 1)  # (K B,)
+    x = official_inversion(request.unet, request.scheduler, x0, t, steps)
+    alpha_bar = request.scheduler.alphas_cumprod.to(x0.device)[t].reshape(-1, 1, 1, 1)
+    eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()  # (K B, c, h, w)
     return timesteps, eps.unflatten(0, (latents.shape[1], latents.shape[0])).transpose(0, 1)
 
 

@@ -5,9 +5,11 @@ p = p(x_0 > x_1) computed from the two scores (``losses.smpo_preference``: min-m
 range, then a softmax over the pair, as the official ``train.py`` of JaydenLyh/SmPO), and each pair's beta is
 scaled by (2p - 1) (``losses.smpo_loss``): a pair the reward cannot tell apart (p = 1/2) teaches nothing, a pair
 the reward orders against the stored order trains the other way. The noised latents x_t are not drawn by forward
-noising but are the DDIM inversion of each clean candidate by the current policy (``noise.inversion_noise``; the
-paper uses ReNoise inversion, ``--smpo_renoise`` adds its fixed-point refinements), so the loss is evaluated on the
-policy's own trajectory; ``--smpo_noise forward`` uses Diffusion-DPO's shared forward noising instead.
+noising but are the ReNoise/DDIM inversion of each clean candidate by the current policy, so the loss is evaluated
+on the policy's own trajectory: ``--smpo_inversion official`` (default) as the official ``train.py`` does it
+(``noise.official_inversion_noise``: a fixed grid, stopping at its last point below t), ``uniform`` a DDIM inversion
+from 0 to exactly t (``noise.inversion_noise``, ``--smpo_renoise`` fixed-point refinements per step);
+``--smpo_noise forward`` uses Diffusion-DPO's shared forward noising instead.
 
 The score range fixes the temperature of p, p = sigmoid((s_0 - s_1) / (max - min)), so it must match the reward's
 scale (``SCORE_RANGES``). The official range is PickScore's raw cosine similarity on Pick-a-Pic; diffalign's
@@ -28,7 +30,7 @@ import torch
 from ..options import option, validate_choices
 from .losses import SMPO_PICKSCORE_RANGE, smpo_loss, smpo_preference
 from .methods import MethodInputs, PreferenceMethod, register
-from .noise import INVERSION_STEPS, PROVIDERS, inversion_noise
+from .noise import OFFICIAL_INVERSION_STEPS, PROVIDERS, inversion_noise, official_inversion_noise
 
 GROUP = "method smpo (SmPO)"
 SCORE_RANGES = {
@@ -76,8 +78,20 @@ class SmPOOptions:
         "shared forward noising as Diffusion-DPO",
         GROUP,
     )
-    smpo_inversion_steps: int = option(INVERSION_STEPS, "DDIM inversion steps from 0 to t", GROUP)
-    smpo_renoise: int = option(0, "ReNoise refinements per inversion step (0: plain DDIM inversion)", GROUP)
+    smpo_inversion: Literal["official", "uniform"] = option(
+        "official",
+        "'official': the official train.py's ReNoise inversion on a fixed grid of --smpo_inversion_steps points "
+        "over the schedule, stopping at the last one below t; 'uniform': DDIM inversion in --smpo_inversion_steps "
+        "uniform steps from 0 to exactly t, with --smpo_renoise refinements per step",
+        GROUP,
+    )
+    smpo_inversion_steps: int = option(
+        OFFICIAL_INVERSION_STEPS,
+        "inversion steps: 'official' grid points over the whole schedule (official: 5 SD 1.5, 10 SDXL; "
+        "digits-cond with its 2-step sampler: 2); 'uniform' steps from 0 to t",
+        GROUP,
+    )
+    smpo_renoise: int = option(0, "'uniform' only: ReNoise refinements per inversion step (0: plain DDIM)", GROUP)
 
     def __post_init__(self):
         validate_choices(self)
@@ -87,6 +101,11 @@ class SmPOOptions:
             )
         if self.smpo_inversion_steps < 1 or self.smpo_renoise < 0:
             raise ValueError("smpo_inversion_steps must be >= 1 and smpo_renoise >= 0.")
+        if self.smpo_renoise and self.smpo_inversion == "official":
+            raise ValueError(
+                "smpo_renoise applies to --smpo_inversion uniform; the official inversion's ReNoise is fixed (one "
+                "averaged refinement per step). Drop --smpo_renoise or pass --smpo_inversion uniform."
+            )
         parse_score_range(self.smpo_score_range)
 
 
@@ -102,11 +121,12 @@ class SmPO(PreferenceMethod):
     display = ("implicit_accuracy", "preference")
 
     def noise_provider(self):
-        if self.options.smpo_noise == "forward":
+        options = self.options
+        if options.smpo_noise == "forward":
             return PROVIDERS["shared"]
-        return functools.partial(
-            inversion_noise, steps=self.options.smpo_inversion_steps, renoise=self.options.smpo_renoise
-        )
+        if options.smpo_inversion == "official":
+            return functools.partial(official_inversion_noise, steps=options.smpo_inversion_steps)
+        return functools.partial(inversion_noise, steps=options.smpo_inversion_steps, renoise=options.smpo_renoise)
 
     def preference(self, scores: torch.Tensor) -> torch.Tensor:
         """(B, 2) scores -> (B,) smoothed preference p of candidate 0 over candidate 1."""

@@ -17,6 +17,7 @@ from diffalign.alignment.dense_methods import PatchDPO, PatchDPOOptions
 from diffalign.alignment.methods import MethodInputs
 from diffalign.alignment.patch_quality import (
     DigitsPatchFeatures,
+    SameClassCalibration,
     TransformersPatchFeatures,
     candidate_maps,
     write_quality_maps,
@@ -80,6 +81,26 @@ def test_digits_features_give_quality_one_for_the_reference_itself_and_less_for_
     torch.testing.assert_close(maps[1], torch.ones(1, 8, 8), atol=1e-5, rtol=0)
     assert maps[2].mean().item() < 0.9
     torch.testing.assert_close(maps[0], (maps[1] + maps[2]) / 2)  # the reference gets the generated maps' mean
+
+
+def test_same_class_calibration_spreads_the_quality_and_finds_a_wrong_quadrant():
+    from diffalign.models.digits import load_digits_data
+
+    calibration = SameClassCalibration()
+    for label, cosines in calibration.cosines.items():  # the real pairs against themselves: quantiles ~ uniform
+        quantiles = calibration(cosines[:, None], f"a handwritten {label}")  # (m, 1, 4, 4)
+        assert quantiles.mean().item() == pytest.approx(0.495, abs=0.005)
+    images, labels = load_digits_data("train")
+    zero, one = (images[labels == 0][0] + 1) / 2, (images[labels == 1][0] + 1) / 2  # (1, 8, 8) in [0, 1]
+    wrong = zero.clone()
+    wrong[:, :4, :4] = one[:, :4, :4]  # the top-left quadrant of a 1 on a 0
+    features = DigitsPatchFeatures()
+    raw = candidate_maps([zero, zero, wrong], features)  # (3, 1, 8, 8)
+    calibrated = candidate_maps([zero, zero, wrong], features, calibration, "a handwritten 0")
+    torch.testing.assert_close(calibrated[1], torch.ones(1, 8, 8))  # more faithful than every real pair
+    assert raw[2, 0, :4, :4].mean().item() > 0.45  # the raw cosine barely marks the wrong quadrant (measured 0.56)
+    assert calibrated[2, 0, :4, :4].mean().item() < 0.05  # its quantile does (measured 0.011)
+    assert calibrated[2, 0, 6:, 6:].min().item() > 0.9  # the far corner stays faithful (1.0)
 
 
 def tiny_dinov2(path: Path) -> Path:

@@ -86,7 +86,8 @@ def test_method_loss_at_p_one_is_dpo_loss_with_the_scaled_beta_and_p_below_half_
 
 def test_the_inversion_provider_takes_the_methods_steps_and_forward_noise_is_shared():
     """The round trip inversion -> DDIM sampling on digits is tests/alignment/test_noise.py's (RMS < 0.1 with 4
-    steps, < 0.01 with 10 steps and renoise 2 at t = 200); here: the method hands its options to that provider."""
+    steps, < 0.01 with 10 steps and renoise 2 at t = 200); here: the method hands its options to that provider
+    (--smpo_inversion uniform)."""
     pipeline = load_digits_pipeline(True)
     cond = pipeline.text_encoder(torch.arange(8) % 10)
 
@@ -95,11 +96,13 @@ def test_the_inversion_provider_takes_the_methods_steps_and_forward_noise_is_sha
 
     latents = torch.rand(4, 2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (B, K, c, h, w)
     request = NoiseRequest(latents, torch.arange(4), 0, 7, pipeline.scheduler, unet)
-    timesteps, eps = SmPO(SmPOOptions(smpo_inversion_steps=3, smpo_renoise=1)).noise_provider()(request)
+    uniform = SmPOOptions(smpo_inversion="uniform", smpo_inversion_steps=3, smpo_renoise=1)
+    timesteps, eps = SmPO(uniform).noise_provider()(request)
     expected_t, expected_eps = inversion_noise(request, steps=3, renoise=1)
     assert torch.equal(timesteps, expected_t) and torch.equal(eps, expected_eps)
     assert not torch.equal(eps, inversion_noise(request, steps=2)[1])
     assert SmPO.noise == "inversion" and SmPOOptions().smpo_noise == "inversion"  # the paper's default
+    assert SmPOOptions().smpo_inversion == "official"  # official_inversion_noise: test_method_smpo_inversion.py
     forward_t, forward_eps = SmPO(SmPOOptions(smpo_noise="forward")).noise_provider()(request)
     assert torch.equal(forward_eps[:, 0], forward_eps[:, 1]) and torch.equal(forward_t, timesteps)  # shared draws
 
@@ -146,5 +149,7 @@ def test_smpo_one_lora_step_with_policy_inversion_on_tiny_sdxl(tmp_path):
 def test_cli_parses_the_method_options():
     config = parse_config(["--method", "smpo", "--smpo_noise", "forward", "--smpo-score-range=-2,0"])
     assert (config.method, config.smpo_noise, config.smpo_score_range) == ("smpo", "forward", "-2,0")
+    config = parse_config(["--method", "smpo", "--smpo-inversion", "uniform", "--smpo_renoise", "2"])
+    assert (config.smpo_inversion, config.smpo_renoise, config.smpo_inversion_steps) == ("uniform", 2, 5)
     config = parse_config(["--method", "rankdpo", "--rankdpo_ranking", "labels", "--rankdpo_normalize", "false"])
     assert (config.rankdpo_ranking, config.rankdpo_normalize, config.rankdpo_gain) == ("labels", False, "synpic")
