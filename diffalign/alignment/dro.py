@@ -154,7 +154,9 @@ def perturbed_grids(offsets: torch.Tensor, num_steps: int, ratio: int) -> torch.
 
 
 @torch.no_grad()
-def sample_online(unet, scheduler_config, x_T: torch.Tensor, steps: torch.Tensor, num_steps: int, grids=None):
+def sample_online(
+    unet, scheduler_config, x_T: torch.Tensor, steps: torch.Tensor, num_steps: int, grids: torch.Tensor | None = None
+):
     """DPM-Solver++(2M) from x_T (B, c, h, w) with ``unet(x, t (B,)) -> output``; for each sample b, at its step
     i = ``steps[b]`` -> (x_{t_i} (B, c, h, w), the latent the step starts from; t_i (B,); the model output at
     (x_{t_i}, t_i) (B, c, h, w)), as the official buffer (module docstring). Stops at the last step needed.
