@@ -4,9 +4,14 @@ Pairs (``diffalign.alignment.dense_pairs.make_clip_pairs``): training clips corr
 denoised twice, per-segment labels from the digits classifier's per-segment reward (ties <= 0.05 nats skipped).
 DenseDPO trains on the labelled segments; Diffusion-DPO on the same pairs ordered by the whole-clip reward. Each
 LoRA is evaluated against the base on held-out seeds (the same initial noise per cell) with the per-segment
-reward, paired 95% bootstrap intervals (``diffalign.evaluation.clip_segments``), and a Markdown table is printed.
+reward, paired 95% bootstrap intervals (``diffalign.evaluation.clip_segments``), and Markdown tables are printed:
+each run against the base, and DenseDPO against Diffusion-DPO cell by cell. ``densedpo_flipped`` is DenseDPO with
+``--flip_labels`` (every segment label reversed), the control that the reward follows the labels.
 
     python scripts/demo_densedpo_clips.py --out demo_densedpo
+    python scripts/demo_densedpo_clips.py --out demo_densedpo --runs densedpo_flipped   # add a run to the folder
+
+A run whose folder already holds ``segment_rewards.safetensors`` is not retrained; its rewards are read back.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.dense_pairs import PAIRS_JSONL, make_clip_pairs
@@ -36,6 +43,11 @@ DEMO_CONFIG = dict(
     progress_bar=False,
 )
 BETA = 500.0
+RUNS = {
+    "densedpo": dict(method="densedpo", densedpo_beta=BETA),
+    "dpo": dict(method="dpo", beta=BETA),
+    "densedpo_flipped": dict(method="densedpo", densedpo_beta=BETA, flip_labels=True),
+}
 
 
 def label_summary(folder: Path) -> dict:
@@ -55,6 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--num_pairs", type=int, default=512)
     parser.add_argument("--num_seeds", type=int, default=20)
+    parser.add_argument("--runs", default=",".join(RUNS), help="runs to train and evaluate: " + ", ".join(RUNS))
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -66,37 +79,53 @@ def main() -> None:
     prompts = [f"a handwritten {d}" for d in range(10)]
     seeds = list(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + args.num_seeds))
     base = sample_segment_rewards(load_digits_clips("digits-clips"), prompts, seeds, NUM_SEGMENTS)  # (N, S)
-    rows = []
-    for method, beta in (("densedpo", dict(densedpo_beta=BETA)), ("dpo", dict(beta=BETA))):
-        start = time.time()
-        run = out / method
-        config = TrainConfig(
-            **DEMO_CONFIG, **beta, method=method, dataset=str(data), output_dir=str(run), max_train_steps=args.steps
-        )
-        train(config)
-        seconds = time.time() - start
-        pipeline = load_digits_clips("digits-clips")
-        pipeline.unet.load_lora_adapter(str(run), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
-        tuned = sample_segment_rewards(pipeline, prompts, seeds, NUM_SEGMENTS)
-        report = compare_segments(tuned, base, group_size=len(seeds))
+    rewards, seconds = {}, {}
+    for name in args.runs.split(","):
+        run = out / name
+        saved = run / "segment_rewards.safetensors"
+        if not saved.is_file():
+            start = time.time()
+            config = TrainConfig(
+                **DEMO_CONFIG, **RUNS[name], dataset=str(data), output_dir=str(run), max_train_steps=args.steps
+            )
+            train(config)
+            train_seconds = time.time() - start
+            pipeline = load_digits_clips("digits-clips")
+            pipeline.unet.load_lora_adapter(str(run), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+            tuned = sample_segment_rewards(pipeline, prompts, seeds, NUM_SEGMENTS)  # (N, S)
+            save_file({"rewards": tuned}, saved, metadata={"train_seconds": f"{train_seconds:.0f}"})
+        rewards[name] = load_file(saved)["rewards"]
+        seconds[name] = read_metadata(saved)["train_seconds"]
+        report = compare_segments(rewards[name], base, group_size=len(seeds))
         (run / "segment_eval.json").write_text(json.dumps(report, indent=2))
-        rows.append((method, seconds, report))
     print(
         f"\n{len(prompts)} prompts x {len(seeds)} held-out seeds (from {EVAL_SEED_OFFSET}), DDIM 10 steps, guidance 2;"
         " reward = mean log p(prompted digit) over a segment's frames; [95% cluster-bootstrap interval over prompts]"
     )
+    print(table({name: compare_segments(r, base, group_size=len(seeds)) for name, r in rewards.items()}, seconds))
+    if {"densedpo", "dpo"} <= rewards.keys():
+        print("\nDenseDPO against Diffusion-DPO, paired on the same cells:")
+        print(table({"densedpo - dpo": compare_segments(rewards["densedpo"], rewards["dpo"], len(seeds))}, {}))
+
+
+def read_metadata(path: Path) -> dict:
+    """The string metadata of a safetensors file."""
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata() or {}
+
+
+def table(reports: dict, seconds: dict) -> str:
+    """Markdown rows: per run, each segment's and the clip's reward, (difference [95% interval])."""
     keys = [f"segment_{s}" for s in range(NUM_SEGMENTS)] + ["clip"]
-    print("| model | train s | " + " | ".join(f"{k} reward (diff vs base)" for k in keys) + " |")
-    print("|---|---|" + "---|" * len(keys))
-    first = rows[0][2]
-    print("| base | - | " + " | ".join(f"{first[k]['base']['mean']:.4f}" for k in keys) + " |")
-    for method, seconds, report in rows:
+    lines = ["| model | train s | " + " | ".join(f"{k} (diff)" for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for name, report in reports.items():
         cells = [
             f"{report[k]['tuned']['mean']:.4f} ({report[k]['mean_difference']:+.4f} "
             f"[{report[k]['mean_difference_ci'][0]:+.4f}, {report[k]['mean_difference_ci'][1]:+.4f}])"
             for k in keys
         ]
-        print(f"| {method} | {seconds:.0f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {seconds.get(name, '-')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
