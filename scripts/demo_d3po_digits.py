@@ -142,7 +142,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_d3po", help="output folder (default: %(default)s)")
-    parser.add_argument("--stages", default="25,50", help="optimizer steps at which to evaluate")
+    parser.add_argument("--stages", default="25,50,100", help="optimizer steps at which to evaluate")
     parser.add_argument("--num-seeds", type=int, default=100, help="held-out seeds per digit (default: %(default)s)")
     parser.add_argument("--parts", default="d3po,dpo", help="what to train; other rows come from out/demo.json")
     args = parser.parse_args()
