@@ -130,16 +130,24 @@ def inversion_noise(
 
     Accuracy on digits-cond (t = 200; RMS of inversion -> DDIM sampling back, images in [-1, 1]): 0.06 with 4 steps,
     0.005 with 10 steps and renoise 2 (tests/alignment/test_noise.py)."""
+    return inverted_noise(
+        request, lambda x0, t: ddim_path(request.unet, request.scheduler, x0, inversion_grid(t, steps), renoise)
+    )
+
+
+def inverted_noise(request: NoiseRequest, invert: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """One t per prompt, shared by its candidates; ``invert(x0 (N, c, h, w), t (N,)) -> x (N, c, h, w)`` maps each
+    clean candidate to its noisy latent, returned as the eps with ``add_noise(x_0, eps, t) = x``:
+    eps = (x - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
     if request.unet is None:
         raise ValueError("the inversion noise provider needs the policy UNet callable (NoiseRequest.unet).")
     latents = request.latents  # (B, K, c, h, w)
     timesteps, _ = _draws(request, per_candidate=False)  # (B, K), shared by the candidates
-    flat_latents = latents.transpose(0, 1).flatten(0, 1)  # (K B, c, h, w) candidate-major
-    flat_timesteps = timesteps.transpose(0, 1).flatten(0, 1)  # (K B,)
-    grid = inversion_grid(flat_timesteps, steps)
-    noisy = ddim_path(request.unet, request.scheduler, flat_latents, grid, renoise)
-    alpha_bar = request.scheduler.alphas_cumprod.to(latents.device)[flat_timesteps].reshape(-1, 1, 1, 1)
-    eps = (noisy - alpha_bar.sqrt() * flat_latents) / (1 - alpha_bar).sqrt()  # (K B, c, h, w)
+    x0 = latents.transpose(0, 1).flatten(0, 1)  # (K B, c, h, w) candidate-major
+    t = timesteps.transpose(0, 1).flatten(0, 1)  # (K B,)
+    x = invert(x0, t)
+    alpha_bar = request.scheduler.alphas_cumprod.to(x0.device)[t].reshape(-1, 1, 1, 1)
+    eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()  # (K B, c, h, w)
     return timesteps, eps.unflatten(0, (latents.shape[1], latents.shape[0])).transpose(0, 1)
 
 
@@ -177,16 +185,7 @@ def official_inversion_noise(
     """One t per prompt; each candidate's ``official_inversion`` by the policy, trained at t as the official code
     does: eps = (x - sqrt(abar_t) x_0) / sqrt(1 - abar_t), so x has less noise than t says and eps has an x_0
     component."""
-    if request.unet is None:
-        raise ValueError("the inversion noise provider needs the policy UNet callable (NoiseRequest.unet).")
-    latents = request.latents  # (B, K, c, h, w)
-    timesteps, _ = _draws(request, per_candidate=False)  # (B, K), shared by the candidates
-    x0 = latents.transpose(0, 1).flatten(0, 1)  # (K B, c, h, w) candidate-major
-    t = timesteps.transpose(0, 1).flatten(0, 1)  # (K B,)
-    x = official_inversion(request.unet, request.scheduler, x0, t, steps)
-    alpha_bar = request.scheduler.alphas_cumprod.to(x0.device)[t].reshape(-1, 1, 1, 1)
-    eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()  # (K B, c, h, w)
-    return timesteps, eps.unflatten(0, (latents.shape[1], latents.shape[0])).transpose(0, 1)
+    return inverted_noise(request, lambda x0, t: official_inversion(request.unet, request.scheduler, x0, t, steps))
 
 
 PROVIDERS = {"shared": shared_noise, "independent": independent_noise, "inversion": inversion_noise}
