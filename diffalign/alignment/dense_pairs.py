@@ -190,6 +190,11 @@ def build_clip_dataset(config, backbone, accelerator) -> ClipPreferenceDataset:
     ``make_clip_pairs`` of its own samples in ``<output_dir>/clip_pairs`` (made once, by the main process)."""
     if config.cache_dir is not None:
         raise ValueError("--cache_dir is not supported for video backbones (clips are read directly); drop it.")
+    if config.eval_steps:
+        raise ValueError(
+            "--eval_steps scores images with image rewards; a video model is evaluated after training (for "
+            "digits-clips: diffalign.evaluation.clip_segments). Drop --eval_steps."
+        )
     folder = config.dataset
     if folder is None and backbone.kind != "digits-clips":
         raise ValueError(

@@ -26,6 +26,7 @@ from .video import (
     is_digits_clips,
     load_digits_clips,
     load_video_pipeline,
+    repeat_prompt_per_frame,
     video_pipeline_class,
 )
 
@@ -151,6 +152,8 @@ def load_backbone(name_or_path: str, revision: str | None = None, variant: str |
         raise ValueError(f"{name_or_path} has no model_index.json; pass a pipeline folder saved with save_pretrained.")
     if video_pipeline_class(name_or_path, revision) is not None:  # video: latents (B, c, F, h, w), video.py
         pipeline = load_video_pipeline(name_or_path, revision, variant)
+        if type(pipeline.unet).__name__ == "UNetMotionModel":  # AnimateDiff: prompt states per frame
+            pipeline.unet.register_forward_pre_hook(repeat_prompt_per_frame, with_kwargs=True)
         noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         return Backbone("video", pipeline, noise_scheduler, pipeline.vae.config.in_channels, resolution)

@@ -13,7 +13,8 @@ noise providers, ``add_noise`` and the squared errors are shape-agnostic. What a
   remote code): ``TextToVideoSDPipeline`` (e.g. ali-vilab/text-to-video-ms-1.7b: image VAE + CLIP text encoder +
   ``UNet3DConditionModel``, loaded straight into ``AdapterUNet3DConditionModel``) and ``AnimateDiffPipeline``
   (``UNetMotionModel``, which has the mixin already). Clips are encoded frame by frame through the image VAE
-  (``encode_clips``); prompts through the CLIP text encoder as in Stable Diffusion.
+  (``encode_clips``); prompts through the CLIP text encoder as in Stable Diffusion (``UNetMotionModel`` wants one
+  prompt state per frame: ``repeat_prompt_per_frame``).
 """
 
 from __future__ import annotations
@@ -97,6 +98,17 @@ def load_video_pipeline(name_or_path: str, revision: str | None = None, variant:
     pipeline = DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def repeat_prompt_per_frame(unet, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of a ``UNetMotionModel``: prompt states (N, L, D) of N clips (N, c, F, h, w) -> (N F, L, D),
+    the layout ``AnimateDiffPipeline`` passes (``prompt_embeds.repeat_interleave(num_frames)``), so that the trainer
+    gives every video UNet one state per clip. States already per frame (N F != N) pass unchanged."""
+    sample = args[0] if args else kwargs["sample"]  # (N, c, F, h, w)
+    states = kwargs.get("encoder_hidden_states")
+    if states is not None and states.shape[0] == sample.shape[0]:
+        kwargs["encoder_hidden_states"] = states.repeat_interleave(sample.shape[2], dim=0)  # (N F, L, D)
+    return args, kwargs
 
 
 def check_clips(pixels: torch.Tensor, vae, unet) -> None:
