@@ -191,7 +191,10 @@ def prepare_models(config: TrainConfig, backbone: Backbone, accelerator: Acceler
         reference = copy.deepcopy(unet).eval().to(accelerator.device, weight_dtype)
         unet.requires_grad_(True).to(accelerator.device, torch.float32)
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        try:
+            unet.enable_gradient_checkpointing()
+        except ValueError as error:  # e.g. diffusers' UNet3DConditionModel (TextToVideoSDPipeline) has none
+            raise ValueError(f"--gradient_checkpointing: {error} Drop --gradient_checkpointing.") from error
     unet.train()
     return unet, reference
 
