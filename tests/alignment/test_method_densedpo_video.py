@@ -227,8 +227,13 @@ def test_clips_the_vae_cannot_take_get_clear_errors(t2v_dir):
         backbone.encode_images(torch.zeros(1, 3, FRAMES, 15, 16))
     with pytest.raises(ValueError, match="C = 3"):
         backbone.encode_images(torch.zeros(1, 1, FRAMES, 16, 16))
-    latents = backbone.encode_images(torch.zeros(2, 3, 5, 16, 16))  # any frame count: frames are images
-    assert latents.shape == (2, 4, 5, 8, 8)
+    clips = torch.rand(2, 3, 9, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1  # 18 frames: 2 chunks
+    latents = backbone.encode_images(clips)  # any frame count: frames are images
+    with torch.no_grad():
+        vae = backbone.vae
+        frame_7 = vae.encode(clips[:, :, 7]).latent_dist.mode() * vae.config.scaling_factor  # (2, 4, 8, 8)
+    assert latents.shape == (2, 4, 9, 8, 8)
+    torch.testing.assert_close(latents[:, :, 7], frame_7, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="--dataset is required"):
         from diffalign.alignment.dense_pairs import build_clip_dataset
 
