@@ -28,8 +28,9 @@ class RunOptions:
     # model
     pretrained_model_name_or_path: str = option(
         EMBEDDED_MODEL,
-        "diffusers pipeline (hub id or local folder; SD 1.x/2.x or SDXL), the embedded 'digits-cond', or the "
-        "embedded video model 'digits-clips' (or a folder saved from a DigitsClipPipeline)",
+        "diffusers pipeline (hub id or local folder; SD 1.x/2.x, SDXL, or the video pipelines TextToVideoSDPipeline "
+        "and AnimateDiffPipeline), the embedded 'digits-cond', or the embedded video model 'digits-clips' (or a "
+        "folder saved from a DigitsClipPipeline)",
         "model",
     )
     revision: str | None = option(None, "hub revision of the pipeline", "model")

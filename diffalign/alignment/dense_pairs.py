@@ -190,7 +190,17 @@ def build_clip_dataset(config, backbone, accelerator) -> ClipPreferenceDataset:
     ``make_clip_pairs`` of its own samples in ``<output_dir>/clip_pairs`` (made once, by the main process)."""
     if config.cache_dir is not None:
         raise ValueError("--cache_dir is not supported for video backbones (clips are read directly); drop it.")
+    if config.eval_steps:
+        raise ValueError(
+            "--eval_steps scores images with image rewards; a video model is evaluated after training (for "
+            "digits-clips: diffalign.evaluation.clip_segments). Drop --eval_steps."
+        )
     folder = config.dataset
+    if folder is None and backbone.kind != "digits-clips":
+        raise ValueError(
+            f"--dataset is required for {type(backbone.pipeline).__name__}: a folder with {config.jsonl_name} of "
+            '{"prompt", "clips": [a.npy, b.npy], "labels": [...]} records (clips (C, F, H, W) in [-1, 1]).'
+        )
     if folder is None:
         folder = str(Path(config.output_dir) / "clip_pairs")
         if accelerator.is_main_process and not (Path(folder) / config.jsonl_name).is_file():

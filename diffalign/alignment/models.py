@@ -1,4 +1,5 @@
-"""The model side of preference training: one ``Backbone`` over SD 1.x/2.x, SDXL and the embedded ``digits-cond``.
+"""The model side of preference training: one ``Backbone`` over SD 1.x/2.x, SDXL, the embedded ``digits-cond`` and
+the video models of ``video.py`` (``digits-clips``; ``TextToVideoSDPipeline`` and ``AnimateDiffPipeline``).
 
 A backbone loads a pipeline and exposes what the trainer needs and nothing else: the UNet to train, the DDPM
 training schedule, how to turn images into the UNet's input space (VAE latents, or the images themselves for
@@ -19,7 +20,15 @@ from diffusers import DDPMScheduler
 
 from ..models.digits import load_digits_pipeline
 from .config import EMBEDDED_MODEL
-from .video import is_digits_clips, load_digits_clips
+from .video import (
+    check_clips,
+    encode_clips,
+    is_digits_clips,
+    load_digits_clips,
+    load_video_pipeline,
+    repeat_prompt_per_frame,
+    video_pipeline_class,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -28,7 +37,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class Backbone:
     """A loaded pipeline seen as (UNet, training schedule, image encoder, prompt encoder)."""
 
-    kind: str  # "digits" (pixel space, no VAE), "sd", "sdxl" or "digits-clips" (video, pixel space)
+    kind: str  # "digits" (pixel space, no VAE), "sd", "sdxl", "digits-clips" (video, pixel space) or "video" (VAE)
     pipeline: object
     noise_scheduler: DDPMScheduler
     image_channels: int
@@ -42,6 +51,11 @@ class Backbone:
     def vae(self):
         return getattr(self.pipeline, "vae", None)
 
+    @property
+    def is_video(self) -> bool:
+        """Whether the UNet takes clips (B, c, F, h, w) and the data are clip pairs (``dense_pairs.py``)."""
+        return self.kind in ("digits-clips", "video")
+
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         """The encoders that never train (VAE, text encoders, an IP-Adapter's image encoder) by component name."""
         names = ("vae", "text_encoder", "text_encoder_2", "image_encoder")
@@ -49,10 +63,14 @@ class Backbone:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) images in [-1, 1] -> (B, c, h, w) UNet inputs: scaled VAE latents (mode), or the images."""
+        """(B, C, H, W) images in [-1, 1] -> (B, c, h, w) UNet inputs: scaled VAE latents (mode), or the images;
+        a video backbone's clips (B, C, F, H, W) -> (B, c, F, h, w) frame by frame (``video.encode_clips``)."""
         if self.vae is None:
             return pixels
         vae = self.vae
+        if self.kind == "video":
+            check_clips(pixels, vae, self.unet)
+            return encode_clips(vae, pixels)
         latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents.float() - shift) * vae.config.scaling_factor
@@ -117,7 +135,8 @@ class Backbone:
 
 
 def load_backbone(name_or_path: str, revision: str | None = None, variant: str | None = None) -> Backbone:
-    """Load ``digits-cond`` (embedded) or a diffusers SD / SDXL pipeline (hub id or local folder) in float32."""
+    """Load ``digits-cond`` (embedded), ``digits-clips``, or a diffusers SD / SDXL / video pipeline (hub id or local
+    folder) in float32."""
     if name_or_path == EMBEDDED_MODEL:
         pipeline = load_digits_pipeline(conditional=True)
         size = pipeline.unet.config.sample_size
@@ -131,11 +150,19 @@ def load_backbone(name_or_path: str, revision: str | None = None, variant: str |
 
     if Path(name_or_path).exists() and not (Path(name_or_path) / "model_index.json").is_file():
         raise ValueError(f"{name_or_path} has no model_index.json; pass a pipeline folder saved with save_pretrained.")
+    if video_pipeline_class(name_or_path, revision) is not None:  # video: latents (B, c, F, h, w), video.py
+        pipeline = load_video_pipeline(name_or_path, revision, variant)
+        if type(pipeline.unet).__name__ == "UNetMotionModel":  # AnimateDiff: prompt states per frame
+            pipeline.unet.register_forward_pre_hook(repeat_prompt_per_frame, with_kwargs=True)
+        noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        return Backbone("video", pipeline, noise_scheduler, pipeline.vae.config.in_channels, resolution)
     pipeline = DiffusionPipeline.from_pretrained(name_or_path, revision=revision, variant=variant)
     if getattr(pipeline, "unet", None) is None or getattr(pipeline, "vae", None) is None:
         raise ValueError(
             f"{name_or_path} loaded as {type(pipeline).__name__}, which has no UNet + VAE; diffalign train supports "
-            "Stable Diffusion 1.x/2.x and SDXL pipelines, and the embedded 'digits-cond'."
+            "Stable Diffusion 1.x/2.x, SDXL, TextToVideoSDPipeline and AnimateDiffPipeline pipelines, and the "
+            "embedded 'digits-cond' and 'digits-clips'."
         )
     kind = "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd"
     pipeline.set_progress_bar_config(disable=True)

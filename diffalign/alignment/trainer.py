@@ -40,6 +40,7 @@ from .methods import PreferenceMethod, build_method, method_options
 from .models import DTYPES, Backbone, load_backbone
 from .replay import ReplayBuffer, register_process_state
 from .step import PreferenceStep
+from .video import without_adapters
 
 
 @dataclass
@@ -71,9 +72,9 @@ def build_dataset(config: TrainConfig, backbone: Backbone, accelerator: Accelera
     """The decoded records of ``--dataset`` (digits-cond without one: pairs of its own samples; ``--streaming``:
     this process's share of the stream), or their latent cache in ``--cache_dir`` (built first if needed; the cache
     of a stream is read as a dataset of known length)."""
-    if backbone.kind == "digits-clips":  # video: clip pairs (dense_pairs.py)
+    if backbone.is_video:  # video: clip pairs (dense_pairs.py)
         if config.streaming:
-            raise ValueError("--streaming reads image tables; clip pairs of digits-clips are read whole. Drop it.")
+            raise ValueError("--streaming reads image tables; clip pairs are read whole. Drop it.")
         from .dense_pairs import build_clip_dataset
 
         return build_clip_dataset(config, backbone, accelerator)
@@ -139,7 +140,7 @@ def save_final(config: TrainConfig, backbone: Backbone, unet, output_dir: Path) 
             safe_serialization=True,
         )
     else:
-        backbone.pipeline.unet = unet
+        backbone.pipeline.unet = without_adapters(unet) if backbone.kind == "video" else unet
         backbone.pipeline.save_pretrained(str(output_dir), safe_serialization=True)
 
 
@@ -190,7 +191,10 @@ def prepare_models(config: TrainConfig, backbone: Backbone, accelerator: Acceler
         reference = copy.deepcopy(unet).eval().to(accelerator.device, weight_dtype)
         unet.requires_grad_(True).to(accelerator.device, torch.float32)
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        try:
+            unet.enable_gradient_checkpointing()
+        except ValueError as error:  # e.g. diffusers' UNet3DConditionModel (TextToVideoSDPipeline) has none
+            raise ValueError(f"--gradient_checkpointing: {error} Drop --gradient_checkpointing.") from error
     unet.train()
     return unet, reference
 
