@@ -201,7 +201,9 @@ def test_resume_reproduces_the_run_and_its_second_step_equals_the_hand_computed_
     labels = torch.tensor(LABELS, dtype=torch.float32)
     # step 2 = epoch 1 (one batch per epoch), policy = the LoRA after step 1 (the first run's saved weights)
     expected = hand_loss(t2v_dir, data, lora, epoch=1, labels=labels)
-    assert loss == pytest.approx(expected, rel=1e-4)
+    # float32 rounding of the per-segment errors (~1e-8, it differs with the thread count) times beta / 2 = 2500
+    # moves the loss by up to ~1e-4; the labels move it by > 1e-2 (below)
+    assert loss == pytest.approx(expected, abs=5e-4)
     clip_level = hand_loss(t2v_dir, data, lora, epoch=1, labels=torch.ones_like(labels))
     print(f"step-2 loss {loss:.6f}, hand {expected:.6f}, hand with every label +1 {clip_level:.6f}")
     assert abs(expected - math.log(2)) > 1e-2 and abs(clip_level - expected) > 1e-2  # the segment labels matter
