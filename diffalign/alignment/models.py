@@ -22,7 +22,7 @@ from ..models.digits import load_digits_pipeline
 from .config import EMBEDDED_MODEL
 from .video import (
     check_clips,
-    encode_clips,
+    encode_frames,
     is_digits_clips,
     load_digits_clips,
     load_video_pipeline,
@@ -64,13 +64,18 @@ class Backbone:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images in [-1, 1] -> (B, c, h, w) UNet inputs: scaled VAE latents (mode), or the images;
-        a video backbone's clips (B, C, F, H, W) -> (B, c, F, h, w) frame by frame (``video.encode_clips``)."""
+        a video backbone's clips (B, C, F, H, W) -> (B, c, F, h, w), each frame encoded as an image
+        (``video.encode_frames``)."""
         if self.vae is None:
             return pixels
-        vae = self.vae
         if self.kind == "video":
-            check_clips(pixels, vae, self.unet)
-            return encode_clips(vae, pixels)
+            check_clips(pixels, self.vae, self.unet)
+            return encode_frames(self.vae_latents, pixels)
+        return self.vae_latents(pixels)
+
+    def vae_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(M, C, H, W) images in [-1, 1] -> (M, c, h, w) VAE latents (mode), shifted and scaled for the UNet."""
+        vae = self.vae
         latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents.float() - shift) * vae.config.scaling_factor

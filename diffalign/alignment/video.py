@@ -13,7 +13,7 @@ noise providers, ``add_noise`` and the squared errors are shape-agnostic. What a
   remote code): ``TextToVideoSDPipeline`` (e.g. ali-vilab/text-to-video-ms-1.7b: image VAE + CLIP text encoder +
   ``UNet3DConditionModel``, loaded straight into ``AdapterUNet3DConditionModel``) and ``AnimateDiffPipeline``
   (``UNetMotionModel``, which has the mixin already). Clips are encoded frame by frame through the image VAE
-  (``encode_clips``); prompts through the CLIP text encoder as in Stable Diffusion (``UNetMotionModel`` wants one
+  (``encode_frames``); prompts through the CLIP text encoder as in Stable Diffusion (``UNetMotionModel`` wants one
   prompt state per frame: ``repeat_prompt_per_frame``).
 """
 
@@ -134,18 +134,11 @@ def check_clips(pixels: torch.Tensor, vae, unet) -> None:
         )
 
 
-@torch.no_grad()
-def encode_clips(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Clips (N, C, F, H, W) in [-1, 1] -> scaled VAE latents (N, c, F, h, w), each frame encoded as an image
-    (latent mode, times ``scaling_factor`` as Stable Diffusion and ``TextToVideoSDPipeline.decode_latents``)."""
+def encode_frames(encode_images, pixels: torch.Tensor) -> torch.Tensor:
+    """Clips (N, C, F, H, W) -> (N, c, F, h, w): ``encode_images`` ((M, C, H, W) -> (M, c, h, w), the backbone's
+    image encoder: scaled VAE latents, as ``TextToVideoSDPipeline.decode_latents`` expects) on the frames as images,
+    ``VAE_CHUNK`` at a time."""
     num_clips, frames = pixels.shape[0], pixels.shape[2]
     images = pixels.transpose(1, 2).flatten(0, 1)  # (N F, C, H, W)
-    latents = torch.cat(
-        [
-            vae.encode(chunk.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-            for chunk in images.split(VAE_CHUNK)
-        ]
-    )  # (N F, c, h, w)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    latents = (latents.float() - shift) * vae.config.scaling_factor
+    latents = torch.cat([encode_images(chunk) for chunk in images.split(VAE_CHUNK)])  # (N F, c, h, w)
     return latents.unflatten(0, (num_clips, frames)).transpose(1, 2)  # (N, c, F, h, w)
