@@ -69,15 +69,16 @@ def text_config(tokenizer: CLIPTokenizer, **extra) -> CLIPTextConfig:
     )
 
 
-def tiny_vae() -> AutoencoderKL:
+def tiny_vae(block_out_channels: tuple[int, int] = (32, 64), norm_num_groups: int = 32) -> AutoencoderKL:
     """A two-level KL autoencoder (downsampling factor 2, 4 latent channels)."""
     return AutoencoderKL(
-        block_out_channels=(32, 64),
+        block_out_channels=block_out_channels,
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
+        norm_num_groups=norm_num_groups,
     )
 
 

@@ -43,16 +43,21 @@ PROMPTS = ["a red ball", "a blue car", "a dog runs", "rain"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
+UNET_SIZES = dict(
+    sample_size=SIZE // 2,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    norm_num_groups=4,
+    cross_attention_dim=tiny.TEXT_HIDDEN,
+    attention_head_dim=4,
+)
+"""The tiny video UNets' sizes (UNet3DConditionModel and the SD UNet under AnimateDiff's motion adapter)."""
+
+
 def tiny_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        block_out_channels=(8, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=2,
-    )
+    return tiny.tiny_vae(block_out_channels=(8, 8), norm_num_groups=2)
 
 
 def text_parts(tmp: Path) -> dict:
@@ -71,16 +76,9 @@ def t2v_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("t2v")
     torch.manual_seed(0)
     unet = UNet3DConditionModel(
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=tiny.TEXT_HIDDEN,
-        attention_head_dim=4,
+        **UNET_SIZES,
     )
     torch.manual_seed(1)
     pipeline = TextToVideoSDPipeline(unet=unet, vae=tiny_vae(), scheduler=scheduler(), **text_parts(tmp))
@@ -250,16 +248,9 @@ def animatediff_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("animatediff")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=tiny.TEXT_HIDDEN,
-        attention_head_dim=4,
+        **UNET_SIZES,
     )
     torch.manual_seed(1)
     motion_adapter = MotionAdapter(
