@@ -1,13 +1,13 @@
 """DenseDPO on latent video pipelines: a tiny random ``TextToVideoSDPipeline`` (image VAE + CLIP text encoder +
 ``UNet3DConditionModel``) and a tiny ``AnimateDiffPipeline`` (``UNetMotionModel``), built and saved locally."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_pipelines as tiny
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -28,12 +28,6 @@ from diffalign.alignment.models import load_backbone
 from diffalign.alignment.noise import record_generator
 from diffalign.alignment.trainer import train
 from diffalign.alignment.video import load_video_pipeline
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 BETA = 5000.0
 SEED = 0

@@ -1,13 +1,13 @@
 """PatchDPO: the method on hand-made errors, patch quality maps (digits features, a tiny random DINOv2) and a
 one-step run on the tiny SDXL pipeline from a JSONL folder with weight maps."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_pipelines as tiny
 import torch
 from PIL import Image
 
@@ -23,12 +23,6 @@ from diffalign.alignment.patch_quality import (
     write_quality_maps,
 )
 from diffalign.alignment.trainer import train
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 
 def method_loss(policy_errors, weight_maps):

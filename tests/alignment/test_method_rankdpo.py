@@ -1,11 +1,10 @@
 """RankDPO as a method: Diffusion-DPO on pairs through the trainer, tied scores without weight or gradient, the K = 4
 weights of raw reward scores through Syn-Pic by hand, shared noise, resume, and the tiny SDXL pipeline."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+import tiny_pipelines as tiny
 import torch
 import torch.nn.functional as F
 from data_fixtures import write_ranked_parquet
@@ -17,12 +16,6 @@ from diffalign.alignment.methods import MethodInputs
 from diffalign.alignment.rankdpo import RankDPO, RankDPOOptions
 from diffalign.alignment.trainer import train
 from diffalign.models.digits import load_digits_pipeline
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 
 def config(tmp_path, dataset, name, **overrides):

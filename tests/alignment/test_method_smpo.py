@@ -2,11 +2,10 @@
 the inversion provider with the method's options (its round trip on digits: test_noise.py), the score ranges, the
 checks on its data."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+import tiny_pipelines as tiny
 import torch
 from data_fixtures import write_ranked_parquet
 from scored_fixtures import make_scored_digits, with_scores
@@ -18,12 +17,6 @@ from diffalign.alignment.noise import NoiseRequest, inversion_noise
 from diffalign.alignment.smpo import SCORE_RANGES, SmPO, SmPOOptions, parse_score_range
 from diffalign.alignment.trainer import train
 from diffalign.models.digits import load_digits_pipeline
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,12 @@
 """``diffalign pairs``: K candidates per prompt from per-(prompt, candidate) seeds, scored, written as parquet and
 read back by the data loader as (B, K, ...) with the scores in the stored order."""
 
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_pipelines as tiny
 import torch
 from PIL import Image
 
@@ -16,12 +15,6 @@ from diffalign.alignment.pairs import PairsConfig, candidate_seed, make_pairs
 from diffalign.commands import pairs as pairs_command
 from diffalign.evaluation.rewards import load_reward
 from diffalign.options import parse_args
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 PROMPTS = ["a handwritten 3", "a handwritten 7", "a handwritten 1", "a handwritten 8"]
 

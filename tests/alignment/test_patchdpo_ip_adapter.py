@@ -3,12 +3,12 @@
 ``pipe.load_ip_adapter``; the reference image conditions the UNet, the first loss is the one computed by hand, and
 the gradient reaches LoRA adapters on the IP-Adapter's own projections."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_pipelines as tiny
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
@@ -21,12 +21,6 @@ from diffalign.alignment.dense_methods import PatchDPO, PatchDPOOptions
 from diffalign.alignment.models import load_backbone
 from diffalign.alignment.noise import NoiseRequest, shared_noise
 from diffalign.alignment.trainer import train
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 CLIP_EMBED = 16
 """Projection width of the tiny CLIP image encoder (the IP-Adapter's image embedding)."""

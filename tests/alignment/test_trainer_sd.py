@@ -1,21 +1,14 @@
 """The trainer on tiny random SD / SDXL pipelines from a local Pick-a-Pic parquet file with real PNG bytes."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+import tiny_pipelines as tiny
 import torch
 from data_fixtures import write_pickapic
 
 from diffalign.alignment.config import TrainConfig
 from diffalign.alignment.trainer import train
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
 """The eval harness: bootstrap statistics on known data, and tuned-vs-base runs on digits-cond, tiny SD and SDXL."""
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import tiny_pipelines as tiny
 import torch
 from diffusers import DDIMScheduler
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
@@ -26,12 +26,6 @@ from diffalign.evaluation.harness import (
 )
 from diffalign.evaluation.rewards import load_reward
 from diffalign.models.digits import load_digits_classifier, load_digits_pipeline
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 
 @pytest.fixture(autouse=True, scope="module")

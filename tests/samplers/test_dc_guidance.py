@@ -5,21 +5,14 @@ A tiny random SD pipeline (tests/tiny_pipelines.py) samples at 4 steps with guid
 guidance range as it is outside the calibrated NFE range.
 """
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
+import tiny_pipelines as tiny
 import torch
 
 from diffalign.samplers import DCSolverScheduler, swap_scheduler
 from diffalign.samplers.dc_cpr import fit_cpr
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_pipelines", Path(__file__).resolve().parents[1] / "tiny_pipelines.py"
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 RATIOS = {3.0: [1.0, 1.0, 1.02, 0.97], 7.0: [1.0, 1.0, 1.08, 0.91]}
 
