@@ -79,7 +79,7 @@ def main() -> None:
     prompts = [f"a handwritten {d}" for d in range(10)]
     seeds = list(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + args.num_seeds))
     base = sample_segment_rewards(load_digits_clips("digits-clips"), prompts, seeds, NUM_SEGMENTS)  # (N, S)
-    rewards, seconds = {}, {}
+    rewards, seconds, reports = {}, {}, {}
     for name in args.runs.split(","):
         run = out / name
         saved = run / "segment_rewards.safetensors"
@@ -96,13 +96,13 @@ def main() -> None:
             save_file({"rewards": tuned}, saved, metadata={"train_seconds": f"{train_seconds:.0f}"})
         rewards[name] = load_file(saved)["rewards"]
         seconds[name] = read_metadata(saved)["train_seconds"]
-        report = compare_segments(rewards[name], base, group_size=len(seeds))
-        (run / "segment_eval.json").write_text(json.dumps(report, indent=2))
+        reports[name] = compare_segments(rewards[name], base, group_size=len(seeds))
+        (run / "segment_eval.json").write_text(json.dumps(reports[name], indent=2))
     print(
         f"\n{len(prompts)} prompts x {len(seeds)} held-out seeds (from {EVAL_SEED_OFFSET}), DDIM 10 steps, guidance 2;"
         " reward = mean log p(prompted digit) over a segment's frames; [95% cluster-bootstrap interval over prompts]"
     )
-    print(table({name: compare_segments(r, base, group_size=len(seeds)) for name, r in rewards.items()}, seconds))
+    print(table(reports, seconds))
     if {"densedpo", "dpo"} <= rewards.keys():
         print("\nDenseDPO against Diffusion-DPO, paired on the same cells:")
         print(table({"densedpo - dpo": compare_segments(rewards["densedpo"], rewards["dpo"], len(seeds))}, {}))
