@@ -44,13 +44,14 @@ class AdapterUNet3DConditionModel(UNet3DConditionModel, PeftAdapterMixin):
 
 
 def with_adapters(unet: UNet3DConditionModel) -> AdapterUNet3DConditionModel:
-    """The same UNet (config and weights, in float32) as an ``AdapterUNet3DConditionModel``; returned as is if it
-    already is one."""
+    """The same UNet (config, weights in float32, train / eval mode) as an ``AdapterUNet3DConditionModel``; returned
+    as is if it already is one. The mode matters: ``UNet3DConditionModel``'s temporal convolutions have dropout 0.1,
+    so a UNet left in training mode samples differently from the same noise every time."""
     if isinstance(unet, PeftAdapterMixin):
         return unet
     adapted = AdapterUNet3DConditionModel.from_config(unet.config)
     adapted.load_state_dict(unet.state_dict())
-    return adapted.to(unet.device)
+    return adapted.to(unet.device).train(unet.training)
 
 
 def is_digits_clips(name_or_path: str) -> bool:

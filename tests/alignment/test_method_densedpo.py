@@ -193,6 +193,17 @@ def test_make_clip_pairs_orders_by_clip_reward_and_labels_by_segment(tmp_path):
     assert ClipPreferenceDataset(folder)[0]["pixels"].shape == (2, 1, 6, 8, 8)
 
 
+def test_loaded_clip_pipeline_samples_in_eval_mode_the_same_clips_from_the_same_noise(tmp_path):
+    from diffalign.alignment.video import load_digits_clips
+    from diffalign.evaluation.clip_segments import sample_segment_rewards
+
+    pipeline = load_digits_clips(str(tiny_clip_pipeline(tmp_path / "tiny_clips")))
+    assert not pipeline.unet.training  # UNet3D's temporal convolutions have dropout 0.1
+    prompts, seeds = ["a handwritten 3", "a handwritten 7"], [0, 1]
+    first = sample_segment_rewards(pipeline, prompts, seeds)  # (4, 3)
+    torch.testing.assert_close(sample_segment_rewards(pipeline, prompts, seeds), first, rtol=0, atol=0)
+
+
 def test_compare_segments_reports_each_segment_and_the_clip():
     from diffalign.evaluation.clip_segments import compare_segments
 
