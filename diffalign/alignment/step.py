@@ -47,16 +47,11 @@ def flip_preferences(batch: dict) -> dict:
 
 @contextlib.contextmanager
 def adapters_disabled(unet):
-    """The LoRA UNet as its frozen base model inside the block: adapters disabled and eval mode (no dropout, as the
-    full fine-tuning reference, a frozen copy in eval mode; it matters for UNet3D's temporal dropout); adapters and
-    mode restored however the block exits."""
-    was_training = unet.training
+    """The LoRA UNet as its frozen base model inside the block; adapters enabled again however the block exits."""
     unet.disable_adapters()
-    unet.eval()
     try:
         yield unet
     finally:
-        unet.train(was_training)
         unet.enable_adapters()
 
 
